@@ -1,0 +1,88 @@
+"""Batched, on-device view generation (kornia), one named recipe per kind of view a method needs.
+
+A view recipe is an `nn.Module` called as `views(images, seed)`: `images` is the uint8 `[B, 3, H, W]` batch
+straight from the data loader (already on the training device), `seed` fixes every random draw of the call,
+so that the same step gets the same views after a resume. It returns the keyword arguments of the method's
+`forward`. Methods name their recipe in the registry (`modeling.METHODS[...].views`).
+"""
+import inspect
+
+import kornia.augmentation as K
+import torch
+from torch import nn
+
+
+def _blur_kernel(size: int) -> int:
+    """Odd Gaussian-blur kernel of about 10 % of the crop size (BYOL/DINO use 23 px at 224 px), at least 3."""
+    k = max(3, int(round(0.1 * size)))
+    return k if k % 2 else k + 1
+
+
+def byol_crop_pipeline(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
+                       color_jitter_p: float, grayscale_p: float, flip_p: float,
+                       mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Sequential:
+    """The BYOL/DINO augmentation of one crop: random resized crop, flip, colour jitter, grayscale, blur,
+    solarize, normalise. Input float in [0, 1]."""
+    stages = [K.RandomResizedCrop((size, size), scale=tuple(scale)), K.RandomHorizontalFlip(p=flip_p)]
+    if color_jitter_p > 0:
+        stages.append(K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=color_jitter_p))
+    if grayscale_p > 0:
+        stages.append(K.RandomGrayscale(p=grayscale_p))
+    if blur_p > 0:
+        stages.append(K.RandomGaussianBlur(_blur_kernel(size), (0.1, 2.0), p=blur_p))
+    if solarize_p > 0:
+        # threshold fixed at 0.5 and no brightness addition: torchvision's / PIL's solarize.
+        stages.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=solarize_p))
+    stages.append(K.Normalize(mean=torch.tensor(mean), std=torch.tensor(std)))
+    return nn.Sequential(*stages)
+
+
+class MultiCropViews(nn.Module):
+    """DINO multi-crop: `num_global_crops` large crops (the first blurred always, the second rarely and solarized
+    sometimes) and `num_local_crops` small ones. Returns `global_crops` / `local_crops` stacked crop-major."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], global_crop_size: int = 224,
+                 global_crop_scale: tuple[float, float] = (0.4, 1.0), num_local_crops: int = 8,
+                 local_crop_size: int = 96, local_crop_scale: tuple[float, float] = (0.05, 0.4),
+                 color_jitter_p: float = 0.8, grayscale_p: float = 0.2, flip_p: float = 0.5,
+                 global_blur_p: tuple[float, float] = (1.0, 0.1), global_solarize_p: tuple[float, float] = (0.0, 0.2),
+                 local_blur_p: float = 0.5):
+        super().__init__()
+        if len(global_blur_p) != len(global_solarize_p):
+            raise ValueError("global_blur_p and global_solarize_p need one value per global crop, got "
+                             f"{list(global_blur_p)} and {list(global_solarize_p)}")
+        common = dict(color_jitter_p=color_jitter_p, grayscale_p=grayscale_p, flip_p=flip_p, mean=mean, std=std)
+        self.global_crops = nn.ModuleList(
+            byol_crop_pipeline(global_crop_size, global_crop_scale, blur, sol, **common)
+            for blur, sol in zip(global_blur_p, global_solarize_p))
+        self.local_crops = nn.ModuleList(
+            byol_crop_pipeline(local_crop_size, local_crop_scale, local_blur_p, 0.0, **common)
+            for _ in range(num_local_crops))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        devices = [images.device] if images.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=images.device.type):
+            torch.manual_seed(seed)
+            x = images.float().div_(255)
+            views = {"global_crops": torch.cat([crop(x) for crop in self.global_crops])}
+            if len(self.local_crops):
+                views["local_crops"] = torch.cat([crop(x) for crop in self.local_crops])
+        return views
+
+
+VIEW_RECIPES: dict[str, type[nn.Module]] = {
+    "multicrop": MultiCropViews,
+}
+
+
+def build_views(recipe: str, mean, std, **kwargs) -> nn.Module:
+    """The view recipe `recipe` with `kwargs` from the training recipe's `augmentation:` section."""
+    if recipe not in VIEW_RECIPES:
+        raise ValueError(f"Unknown view recipe {recipe!r}; valid: {', '.join(VIEW_RECIPES)}")
+    cls = VIEW_RECIPES[recipe]
+    valid = [p for p in inspect.signature(cls).parameters if p not in ("mean", "std")]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"Unknown augmentation key(s) {unknown} for view recipe {recipe!r}; valid keys: {valid}")
+    return cls(mean=tuple(mean), std=tuple(std), **kwargs)

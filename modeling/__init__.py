@@ -1,0 +1,32 @@
+"""hf-ssl model code: depends on torch and transformers only.
+
+Importing this package registers every method with `AutoConfig` / `AutoModel`, so that
+`AutoModel.from_pretrained(OUTPUT_DIR / "pretraining")` rebuilds the `XForPreTraining` model.
+"""
+from dataclasses import dataclass
+
+from transformers import AutoConfig, AutoModel
+
+from .dino import DinoConfig, DinoForPreTraining
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_class: type
+    model_class: type
+    views: str  # the named view recipe in hf_ssl.augment
+    paper: str
+
+
+# The method registry: adding a method is one folder under modeling/ plus one line here.
+METHODS: dict[str, Method] = {
+    "dino": Method("dino", DinoConfig, DinoForPreTraining, "multicrop",
+                   "Caron et al., Emerging Properties in Self-Supervised Vision Transformers, ICCV 2021"),
+}
+
+for _method in METHODS.values():
+    AutoConfig.register(_method.config_class.model_type, _method.config_class, exist_ok=True)
+    AutoModel.register(_method.config_class, _method.model_class, exist_ok=True)
+
+__all__ = ["METHODS", "Method", "DinoConfig", "DinoForPreTraining"]

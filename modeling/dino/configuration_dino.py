@@ -1,0 +1,42 @@
+from transformers import AutoConfig, PretrainedConfig
+
+from ..backbones import backbone_config_from_preset
+from ..heads import DinoHeadConfig
+
+
+class DinoConfig(PretrainedConfig):
+    r"""Configuration of [`DinoForPreTraining`] (Caron et al., 2021, "Emerging Properties in Self-Supervised
+    Vision Transformers").
+
+    Args:
+        backbone_config (`dict` or `PretrainedConfig`, *optional*):
+            Any transformers vision backbone config; defaults to the tiny ResNet of the small reference setting.
+        head_config (`dict` or `DinoHeadConfig`, *optional*):
+            The projection head (`in_dim` must equal the backbone's pooled feature size).
+        student_temperature (`float`, defaults to 0.1): τs of the student softmax.
+        center_momentum (`float`, defaults to 0.9): EMA rate of the teacher-logit center.
+        num_global_crops (`int`, defaults to 2): the first crops, seen by the teacher.
+        freeze_last_layer_epochs (`int`, defaults to 1): epochs during which the prototype layer gets no update.
+    """
+
+    model_type = "hf_ssl_dino"
+    sub_configs = {"backbone_config": AutoConfig, "head_config": DinoHeadConfig}
+
+    def __init__(self, backbone_config=None, head_config=None, student_temperature: float = 0.1,
+                 center_momentum: float = 0.9, num_global_crops: int = 2, freeze_last_layer_epochs: int = 1,
+                 **kwargs):
+        if backbone_config is None:
+            backbone_config = backbone_config_from_preset("resnet-tiny")
+        elif isinstance(backbone_config, dict):
+            backbone_config = AutoConfig.for_model(**backbone_config)
+        if head_config is None:
+            head_config = DinoHeadConfig()
+        elif isinstance(head_config, dict):
+            head_config = DinoHeadConfig(**head_config)
+        self.backbone_config = backbone_config
+        self.head_config = head_config
+        self.student_temperature = student_temperature
+        self.center_momentum = center_momentum
+        self.num_global_crops = num_global_crops
+        self.freeze_last_layer_epochs = freeze_last_layer_epochs
+        super().__init__(**kwargs)

@@ -1,0 +1,112 @@
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import ModelOutput
+
+from ..backbones import build_backbone, pooled_features
+from ..distributed import all_reduce_mean
+from ..heads import DinoHead
+from ..losses import dino_loss, ema_update
+from ..pretraining import SSLPreTrainedModel
+from .configuration_dino import DinoConfig
+
+
+@dataclass
+class DinoPreTrainingOutput(ModelOutput):
+    """
+    loss: the DINO cross-entropy.
+    teacher_entropy: mean entropy of the teacher's centred, sharpened distribution (collapse: → 0 or → ln K).
+    teacher_center_kl: mean KL(teacher ‖ softmax(center / τt)); near 0 means the teacher only outputs the center.
+    embedding_std: std over the batch of the L2-normalised teacher features, averaged over dimensions
+        (1/sqrt(D) for well-spread features, 0 when collapsed).
+    """
+
+    loss: torch.FloatTensor | None = None
+    teacher_entropy: torch.FloatTensor | None = None
+    teacher_center_kl: torch.FloatTensor | None = None
+    embedding_std: torch.FloatTensor | None = None
+
+
+class DinoForPreTraining(SSLPreTrainedModel):
+    """DINO: a student (backbone + head) matches an EMA teacher's centred, sharpened outputs across crops.
+
+    `forward(global_crops, local_crops, teacher_temperature)` takes crops stacked crop-major: `global_crops` is
+    `[num_global_crops * B, C, H, W]` (crop 0 of every image, then crop 1, ...), `local_crops` likewise.
+    The published encoder is the teacher backbone.
+    """
+
+    config_class = DinoConfig
+    base_model_prefix = "dino"
+    schedule_inputs = ("teacher_temperature",)
+
+    def __init__(self, config: DinoConfig):
+        super().__init__(config)
+        self.student_backbone = build_backbone(config.backbone_config)
+        self.student_head = DinoHead(config.head_config)
+        self.teacher_backbone = build_backbone(config.backbone_config)
+        self.teacher_head = DinoHead(config.head_config)
+        self.register_buffer("center", torch.zeros(1, config.head_config.out_dim))
+        self.post_init()
+        # The teacher starts as a copy of the student and is only ever updated by EMA.
+        self.teacher_backbone.load_state_dict(self.student_backbone.state_dict())
+        self.teacher_head.load_state_dict(self.student_head.state_dict())
+        self.set_requires_grad()
+
+    def set_requires_grad(self) -> None:
+        self.student_head.set_requires_grad()
+        self.teacher_backbone.requires_grad_(False)
+        self.teacher_head.requires_grad_(False)
+
+    def _init_weights(self, module):
+        if module is self:
+            torch.nn.init.zeros_(self.center)
+
+    def get_encoder(self):
+        return self.teacher_backbone
+
+    def _student_logits(self, global_crops, local_crops):
+        features = [pooled_features(self.student_backbone, global_crops)]
+        if local_crops is not None and local_crops.numel() > 0:
+            features.append(pooled_features(self.student_backbone, local_crops))
+        return self.student_head(torch.cat(features))
+
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None,
+                teacher_temperature: float = 0.04, return_dict: bool = True) -> DinoPreTrainingOutput:
+        n_global = self.config.num_global_crops
+        if global_crops.shape[0] % n_global:
+            raise ValueError(f"global_crops has {global_crops.shape[0]} rows, not a multiple of "
+                             f"num_global_crops={n_global}")
+        batch_size = global_crops.shape[0] // n_global
+        student_logits = self._student_logits(global_crops, local_crops).split(batch_size)
+        with torch.no_grad():
+            teacher_features = pooled_features(self.teacher_backbone, global_crops)
+            teacher_logits = self.teacher_head(teacher_features)
+        loss = dino_loss(list(student_logits), list(teacher_logits.split(batch_size)), self.center,
+                         self.config.student_temperature, teacher_temperature)
+
+        with torch.no_grad():
+            log_q = F.log_softmax((teacher_logits - self.center) / teacher_temperature, dim=-1)
+            q = log_q.exp()
+            entropy = -(q * log_q).sum(-1).mean()
+            log_c = F.log_softmax(self.center / teacher_temperature, dim=-1)
+            center_kl = (q * (log_q - log_c)).sum(-1).mean()
+            embedding_std = F.normalize(teacher_features.float(), dim=-1).std(0).mean()
+            if self.training:
+                batch_center = all_reduce_mean(teacher_logits.float().mean(0, keepdim=True))
+                m = self.config.center_momentum
+                self.center.mul_(m).add_(batch_center, alpha=1 - m)
+
+        output = DinoPreTrainingOutput(loss=loss, teacher_entropy=entropy, teacher_center_kl=center_kl,
+                                       embedding_std=embedding_std)
+        return output if return_dict else output.to_tuple()
+
+    def before_optimizer_step(self, epoch: int) -> None:
+        if epoch < self.config.freeze_last_layer_epochs:
+            for p in self.student_head.last_layer.parameters():
+                p.grad = None
+
+    @torch.no_grad()
+    def post_optimizer_step(self, momentum: float) -> None:
+        ema_update(self.teacher_backbone.parameters(), self.student_backbone.parameters(), momentum)
+        ema_update(self.teacher_head.parameters(), self.student_head.parameters(), momentum)

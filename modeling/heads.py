@@ -1,0 +1,84 @@
+"""Heads shared by the methods: small `PreTrainedModel`s with their own configs, nested in method configs."""
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, norm: str | None, activation: str,
+        last_norm: bool = False) -> nn.Sequential:
+    """`num_layers` linear layers; between them `norm` (None, "batchnorm" or "layernorm") and `activation`.
+    `last_norm` adds an affine-free BatchNorm after the last layer (MoCo v3's projector)."""
+    if num_layers < 1:
+        raise ValueError(f"an MLP needs at least one layer, got num_layers={num_layers}")
+    act = {"relu": nn.ReLU, "gelu": nn.GELU}[activation]
+    norms = {None: None, "batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm}
+    if norm not in norms:
+        raise ValueError(f"norm must be one of {list(norms)}, got {norm!r}")
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+    layers = []
+    for i in range(num_layers):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < num_layers - 1:
+            if norm is not None:
+                layers.append(norms[norm](dims[i + 1]))
+            layers.append(act())
+    if last_norm:
+        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers)
+
+
+class DinoHeadConfig(PretrainedConfig):
+    """DINO projection head: MLP -> bottleneck -> L2-norm -> weight-normed linear to `out_dim` prototypes."""
+
+    model_type = "hf_ssl_dino_head"
+
+    def __init__(self, in_dim: int = 2048, hidden_dim: int = 2048, bottleneck_dim: int = 256, out_dim: int = 65536,
+                 num_layers: int = 3, use_bn: bool = False, norm_last_layer: bool = True, **kwargs):
+        self.in_dim = in_dim
+        self.hidden_dim = hidden_dim
+        self.bottleneck_dim = bottleneck_dim
+        self.out_dim = out_dim
+        self.num_layers = num_layers
+        self.use_bn = use_bn
+        self.norm_last_layer = norm_last_layer
+        super().__init__(**kwargs)
+
+
+class DinoHead(PreTrainedModel):
+    config_class = DinoHeadConfig
+    base_model_prefix = "dino_head"
+    main_input_name = "features"
+
+    def __init__(self, config: DinoHeadConfig):
+        super().__init__(config)
+        self.mlp = mlp(config.in_dim, config.hidden_dim, config.bottleneck_dim, config.num_layers,
+                       "batchnorm" if config.use_bn else None, "gelu")
+        self.last_layer = nn.utils.parametrizations.weight_norm(
+            nn.Linear(config.bottleneck_dim, config.out_dim, bias=False))
+        self.post_init()
+        # The prototype layer is set up here rather than in `_init_weights`, which transformers does not apply to a
+        # parametrised module; `from_pretrained` overwrites these values with the saved ones.
+        weight_g, weight_v = self.last_layer.parametrizations.weight.original0, self.last_layer.parametrizations.weight.original1
+        with torch.no_grad():
+            nn.init.trunc_normal_(weight_v, std=0.02)
+            weight_g.fill_(1.0)
+        self.set_requires_grad()
+
+    def set_requires_grad(self) -> None:
+        """With norm_last_layer the prototype norms stay 1 (DINO); otherwise they are learned."""
+        self.last_layer.parametrizations.weight.original0.requires_grad_(not self.config.norm_last_layer)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear) and module is not self.last_layer:
+            init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm1d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(features)
+        x = nn.functional.normalize(x, dim=-1, p=2)
+        return self.last_layer(x)

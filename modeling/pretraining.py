@@ -1,0 +1,35 @@
+"""The contract every `XForPreTraining` model follows (see DESIGN.md, "Models").
+
+The training loop only talks to a method model through this interface:
+  * `forward(**views, **{name: value for name in schedule_inputs})` returns an output with `loss`;
+  * `before_optimizer_step(epoch)` may edit gradients (e.g. DINO's frozen last layer in epoch 1);
+  * `post_optimizer_step(momentum=...)` does EMA / queue updates, called only after a real optimizer step;
+  * `get_encoder()` is the backbone that gets published;
+  * `set_requires_grad()` freezes what is not trained (called at construction and after `from_pretrained`).
+"""
+from transformers import PreTrainedModel
+
+
+class SSLPreTrainedModel(PreTrainedModel):
+    main_input_name = "pixel_values"
+    # Names of per-step schedule values (computed by the training loop) that `forward` takes.
+    schedule_inputs: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # Loading materialises fresh parameters, all with requires_grad=True: restore the frozen ones.
+        model.set_requires_grad()
+        return model
+
+    def set_requires_grad(self) -> None:
+        """Freeze what the optimizer must never update (EMA teacher, momentum encoder, fixed prototype norms)."""
+
+    def before_optimizer_step(self, epoch: int) -> None:
+        """Hook between backward and the optimizer step; gradients are complete and synchronised."""
+
+    def post_optimizer_step(self, momentum: float) -> None:
+        """Update state that follows the optimised weights (EMA teacher, momentum encoder, ...)."""
+
+    def get_encoder(self) -> PreTrainedModel:
+        raise NotImplementedError

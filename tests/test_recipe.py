@@ -1,0 +1,87 @@
+"""Recipe parsing and validation; schedules."""
+import math
+
+import pytest
+
+from hf_ssl import schedules
+from hf_ssl.recipe import RecipeError, load_recipe, parse_overrides
+from hf_ssl.train import build_model, schedule_values
+
+RECIPE = "recipes/dino/fashion-mnist-resnet-tiny.yaml"
+
+
+def test_every_shipped_recipe_loads_and_builds_its_model_config(repo_root):
+    for path in sorted((repo_root / "recipes").glob("*/*.yaml")):
+        if path.parent.name == "accelerate":
+            continue
+        recipe = load_recipe(path)
+        assert recipe.method == path.parent.name
+
+
+def test_overrides_are_typed_and_nested():
+    assert parse_overrides(["--max_steps", "5", "--model.head_config.out_dim=64", "--eval_split", "null"]) == {
+        "max_steps": 5, "model": {"head_config": {"out_dim": 64}}, "eval_split": None}
+
+
+def test_override_merges_into_nested_yaml(repo_root):
+    recipe = load_recipe(repo_root / RECIPE, ["--model.head_config.out_dim", "64", "--output_dir", "x"])
+    assert recipe.model["head_config"] == {"hidden_dim": 512, "bottleneck_dim": 128, "out_dim": 64}
+    assert recipe.output_dir == "x"
+
+
+def test_unknown_key_names_the_closest_valid_key(repo_root):
+    with pytest.raises(RecipeError, match=r"'learning_rte'.*did you mean 'learning_rate'"):
+        load_recipe(repo_root / RECIPE, ["--learning_rte", "0.1"])
+
+
+def test_wrong_type_and_range_are_refused(repo_root):
+    with pytest.raises(RecipeError, match="max_steps='ten' has the wrong type"):
+        load_recipe(repo_root / RECIPE, ["--max_steps", "ten"])
+    with pytest.raises(RecipeError, match="per_device_train_batch_size must be > 0"):
+        load_recipe(repo_root / RECIPE, ["--per_device_train_batch_size", "0"])
+    with pytest.raises(RecipeError, match="optimizer='adam' is not one of"):
+        load_recipe(repo_root / RECIPE, ["--optimizer", "adam"])
+
+
+def test_unknown_method_backbone_and_model_keys(repo_root):
+    with pytest.raises(RecipeError, match="unknown method 'dinov9'; valid methods: dino"):
+        build_model(load_recipe(repo_root / RECIPE, ["--method", "dinov9"]))
+    with pytest.raises(RecipeError, match="resnet-tiny"):
+        build_model(load_recipe(repo_root / RECIPE, ["--backbone", "resnet-7"]))
+    with pytest.raises(RecipeError, match=r"'student_temp'.*did you mean 'student_temperature'"):
+        build_model(load_recipe(repo_root / RECIPE, ["--model.student_temp", "0.2"]))
+    with pytest.raises(RecipeError, match=r"model.head_config.*'outdim'"):
+        build_model(load_recipe(repo_root / RECIPE, ["--model.head_config.outdim", "7"]))
+
+
+def test_build_model_matches_head_to_backbone(repo_root):
+    model = build_model(load_recipe(repo_root / RECIPE))
+    assert model.config.head_config.in_dim == 256  # resnet-tiny's pooled feature
+    assert model.config.head_config.out_dim == 4096
+
+
+def test_missing_recipe_file():
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe("does/not/exist.yaml")
+
+
+def test_schedules_are_pure_functions_of_the_step():
+    assert schedules.warmup_cosine(0, 100, 10, 1.0, 0.0) == 0.0
+    assert schedules.warmup_cosine(5, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert schedules.warmup_cosine(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert schedules.warmup_cosine(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert schedules.warmup_cosine(100, 100, 10, 1.0, 0.0) == 0.0
+    assert schedules.cosine(50, 100, 0.996, 1.0) == pytest.approx(0.998)
+    assert schedules.linear_warmup_then_constant(15, 30, 0.04, 0.07) == pytest.approx(0.055)
+    assert schedules.linear_warmup_then_constant(31, 30, 0.04, 0.07) == 0.07
+
+
+def test_lr_scales_with_global_batch(repo_root):
+    recipe = load_recipe(repo_root / RECIPE, ["--warmup_epochs", "0"])
+    values = schedule_values(recipe, 0, 100, 10, global_batch_size=512)
+    assert values["lr"] == pytest.approx(recipe.learning_rate * 2)
+    assert values["weight_decay"] == pytest.approx(recipe.weight_decay)
+    mid = schedule_values(recipe, 50, 100, 10, global_batch_size=256)
+    assert mid["ema_momentum"] == pytest.approx((recipe.ema_momentum + 1) / 2)
+    assert mid["lr"] == pytest.approx(recipe.min_learning_rate + 0.5 * (recipe.learning_rate - recipe.min_learning_rate)
+                                      * (1 + math.cos(math.pi * 0.5)))
