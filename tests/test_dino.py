@@ -145,3 +145,16 @@ def test_save_load_round_trip_through_automodel(tmp_path):
 def test_registry_lists_dino():
     assert modeling.METHODS["dino"].model_class is DinoForPreTraining
     assert modeling.METHODS["dino"].views == "multicrop"
+
+
+def test_vit_backbone_uses_cls_token_and_takes_small_local_crops():
+    backbone = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 64, "patch_size": 8, "image_size": 32}
+    head = DinoHeadConfig(in_dim=32, hidden_dim=32, bottleneck_dim=8, out_dim=16)
+    model = DinoForPreTraining(DinoConfig(backbone_config=backbone, head_config=head)).train()
+    out = model(global_crops=torch.randn(4, 3, 32, 32), local_crops=torch.randn(6, 3, 16, 16),
+                teacher_temperature=0.04)
+    assert torch.isfinite(out.loss)
+    x = torch.randn(2, 3, 32, 32)
+    encoder = model.get_encoder().eval()
+    torch.testing.assert_close(pooled_features(encoder, x), encoder(pixel_values=x).last_hidden_state[:, 0])

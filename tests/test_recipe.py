@@ -85,3 +85,13 @@ def test_lr_scales_with_global_batch(repo_root):
     assert mid["ema_momentum"] == pytest.approx((recipe.ema_momentum + 1) / 2)
     assert mid["lr"] == pytest.approx(recipe.min_learning_rate + 0.5 * (recipe.learning_rate - recipe.min_learning_rate)
                                       * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_imagenet_recipe_is_the_paper_setting(repo_root):
+    recipe = load_recipe(repo_root / "recipes/dino/imagenet-vit-small-16.yaml")
+    assert recipe.backbone == "vit-small-16" and recipe.model["head_config"]["out_dim"] == 65536
+    assert recipe.augmentation["num_local_crops"] == 8 and recipe.augmentation["local_crop_size"] == 96
+    assert (recipe.teacher_temperature, recipe.warmup_teacher_temperature_epochs) == (0.07, 30)
+    model = build_model(load_recipe(repo_root / "recipes/dino/imagenet-vit-small-16.yaml",
+                                    ["--model.head_config.out_dim", "256", "--model.head_config.hidden_dim", "64"]))
+    assert model.config.head_config.in_dim == 384  # ViT-S hidden size, CLS token
