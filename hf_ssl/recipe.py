@@ -78,6 +78,9 @@ class PretrainingRecipe:
     knn_k: int = 20
     knn_temperature: float = 0.07
     eval_batch_size: int = 256
+    eval_steps: int | None = None  # online kNN (knn_k, knn_temperature) every N optimizer steps; None: off
+    eval_subset_size: int | None = 5000  # online kNN: seeded random subsets of at most N train (memory bank) and
+    # N eval_split (query) images; None: the full splits
 
     def __post_init__(self):
         choices = {"optimizer": ("adamw", "sgd"), "mixed_precision": ("no", "fp16", "bf16"),
@@ -99,6 +102,11 @@ class PretrainingRecipe:
         for key in ("ema_momentum", "ema_momentum_end"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise RecipeError(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        for key in ("eval_steps", "eval_subset_size"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise RecipeError(f"{key} must be > 0 or null, got {getattr(self, key)}")
+        if self.eval_steps is not None and not self.eval_split:
+            raise RecipeError("eval_steps (online kNN) needs an eval_split with labels")
         sources = [k for k in ("backbone_config", "backbone_name_or_path") if getattr(self, k) is not None]
         if len(sources) > 1:
             raise RecipeError(f"give only one of backbone_config and backbone_name_or_path, got {sources}")

@@ -191,9 +191,9 @@ def hardware_description(accelerator: Accelerator) -> str:
 
 def train(recipe: PretrainingRecipe) -> dict:
     """Pretrain, save `pretraining/`, export `encoder/`, evaluate; returns the final metrics."""
-    from .evaluation import knn_evaluate, record_eval_result
+    from .evaluation import OnlineKnn, knn_evaluate, record_eval_results
     from .hub import export_encoder, write_model_card
-    from .plots import plot_training_curves
+    from .plots import plot_run
 
     output_dir = Path(recipe.output_dir)
     accelerator = Accelerator(
@@ -237,8 +237,22 @@ def train(recipe: PretrainingRecipe) -> dict:
         save_recipe(recipe, output_dir / "config.yaml")
     if recipe.with_tracking:
         accelerator.init_trackers("hf-ssl", config={k: str(v) for k, v in recipe.to_dict().items()})
+        if not accelerator.trackers:
+            if recipe.report_to != "all":
+                raise RecipeError(f"with_tracking: report_to={recipe.report_to!r}, but that tracker is not installed "
+                                  f"(pip install {recipe.report_to})")
+            logger.warning("with_tracking: no tracker (tensorboard, wandb, ...) is installed; "
+                           "metrics go to metrics.jsonl only")
 
     metrics_path = output_dir / "metrics.jsonl"
+    online_knn = None
+    if recipe.eval_steps and accelerator.is_main_process:
+        online_knn = OnlineKnn(recipe.dataset_name, recipe.train_split, recipe.eval_split, recipe.image_size,
+                               list(recipe.image_mean), list(recipe.image_std), dataset_config=recipe.dataset_config,
+                               image_column=recipe.image_column, label_column=recipe.label_column,
+                               subset_size=recipe.eval_subset_size, k=recipe.knn_k,
+                               temperature=recipe.knn_temperature, batch_size=recipe.eval_batch_size,
+                               num_workers=recipe.dataloader_num_workers, seed=recipe.seed)
     last_checkpoint = checkpoint_dirs(output_dir)[-1] if checkpoint_dirs(output_dir) else None
     bad_images: list[str] = []
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="pretraining")
@@ -300,6 +314,17 @@ def train(recipe: PretrainingRecipe) -> dict:
                 if recipe.with_tracking:
                     accelerator.log(record, step=step)
                 running, n_running, images_seen, t_start = {}, 0, 0, time.perf_counter()
+            if recipe.eval_steps and step % recipe.eval_steps == 0:
+                if accelerator.is_main_process:  # the publishable encoder, in eval mode; train modes restored
+                    knn = online_knn(core.get_encoder(), accelerator.device, accelerator.autocast)
+                    record = {"step": step, "eval/knn_top1": knn["top1"], "eval/knn_bank_size": knn["bank_size"],
+                              "eval/knn_query_size": knn["query_size"]}
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if recipe.with_tracking:
+                        accelerator.log({"eval/knn_top1": knn["top1"]}, step=step)
+                accelerator.wait_for_everyone()
+                t_start = time.perf_counter()  # throughput excludes the evaluation
             if recipe.checkpointing_steps and step % recipe.checkpointing_steps == 0:
                 last_checkpoint = save_checkpoint(accelerator, output_dir, step, recipe.save_total_limit, core.config)
             if step >= total_steps:
@@ -318,17 +343,24 @@ def train(recipe: PretrainingRecipe) -> dict:
         core.save_pretrained(output_dir / "pretraining", safe_serialization=True)
         export_encoder(output_dir, output_dir / "encoder")
         if recipe.do_eval and recipe.eval_split:
-            knn = knn_evaluate(output_dir / "encoder", recipe.dataset_name, train_split=recipe.train_split,
-                               test_split=recipe.eval_split, dataset_config=recipe.dataset_config,
-                               image_column=recipe.image_column, label_column=recipe.label_column,
-                               k=recipe.knn_k, temperature=recipe.knn_temperature,
-                               batch_size=recipe.eval_batch_size, device=accelerator.device)
-            results.update(knn)
+            # Full-split kNN; the features are cached in OUTPUT_DIR/features/ (reused by `hf-ssl eval`, plots).
+            report = knn_evaluate(output_dir / "encoder", recipe.dataset_name, train_split=recipe.train_split,
+                                  test_split=recipe.eval_split, dataset_config=recipe.dataset_config,
+                                  image_column=recipe.image_column, label_column=recipe.label_column,
+                                  k=recipe.knn_k, temperature=recipe.knn_temperature,
+                                  batch_size=recipe.eval_batch_size, num_workers=recipe.dataloader_num_workers,
+                                  device=accelerator.device)
+            scores = {f"eval/{key.replace('/', '_')}": value for key, value in report["scores"].items()}
+            params = report["records"][0]["params"]
+            results.update(scores)
             with metrics_path.open("a") as f:
-                f.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in knn.items()}}) + "\n")
-            record_eval_result(output_dir / "encoder", knn)
+                f.write(json.dumps({"step": step, **scores, "eval/knn_bank_size": params["num_train"],
+                                    "eval/knn_query_size": params["num_test"]}) + "\n")
+            if recipe.with_tracking:
+                accelerator.log(scores, step=step)
+            record_eval_results(output_dir / "encoder", report["records"])
             write_model_card(output_dir / "encoder")
-        plot_training_curves(output_dir)
+        plot_run(output_dir, extract=False)  # curves; t-SNE map of the eval features cached by the kNN above
     if recipe.with_tracking:
         accelerator.end_training()
     return results

@@ -153,3 +153,21 @@ def test_export_of_a_wrong_directory_is_a_clear_error(tmp_path):
     result = run_cli("export", tmp_path, "--output_dir", tmp_path / "out")
     assert result.returncode == 2
     assert "neither a training OUTPUT_DIR" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ema_runs_only_after_real_optimizer_steps(tiny_recipe, monkeypatch):
+    from modeling import DinoForPreTraining
+
+    calls = []
+    original = DinoForPreTraining.post_optimizer_step
+
+    def counting(self, momentum):
+        calls.append(momentum)
+        return original(self, momentum)
+
+    monkeypatch.setattr(DinoForPreTraining, "post_optimizer_step", counting)
+    recipe = load_recipe(tiny_recipe, ["--max_steps", "2", "--gradient_accumulation_steps", "2",
+                                       "--do_eval", "false"])
+    train(recipe)
+    assert len(calls) == 2  # 4 micro-batches, 2 optimizer steps
+    assert [r for r in losses(Path(recipe.output_dir))] == [1, 2]
