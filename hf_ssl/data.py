@@ -742,28 +742,14 @@ def build_dataloader(
     """
     if isinstance(dataset, datasets.IterableDataset):
         num_workers = min(num_workers, dataset.num_shards)
-        return torch.utils.data.DataLoader(
-            dataset.shuffle(seed=seed) if shuffle else dataset,
-            batch_size=batch_size,
-            collate_fn=decoder,
-            num_workers=num_workers,
-            persistent_workers=num_workers > 0,
-            drop_last=drop_last,
-            pin_memory=torch.cuda.is_available(),
-        )
+    common = dict(batch_size=batch_size, collate_fn=decoder, num_workers=num_workers,
+                  persistent_workers=num_workers > 0, drop_last=drop_last, pin_memory=torch.cuda.is_available())
+    if isinstance(dataset, datasets.IterableDataset):
+        return torch.utils.data.DataLoader(dataset.shuffle(seed=seed) if shuffle else dataset, **common)
 
     rows = _IndexedRows(dataset)
     if shuffle:
         sampler = torch.utils.data.RandomSampler(rows, generator=torch.Generator().manual_seed(seed))
     else:
         sampler = torch.utils.data.SequentialSampler(rows)
-    return torch.utils.data.DataLoader(
-        rows,
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=decoder,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        drop_last=drop_last,
-        pin_memory=torch.cuda.is_available(),
-    )
+    return torch.utils.data.DataLoader(rows, sampler=sampler, **common)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from transformers import AutoModel, ConvNextImageProcessor
+from transformers import AutoModel
 
 import modeling  # noqa: F401  (registers the method models with AutoModel)
 from modeling import METHODS
@@ -67,9 +67,12 @@ def _locate(source: Path) -> tuple[Path, Path | None]:
                       "(with config.json and model.safetensors)")
 
 
-def image_processor(size: int, mean, std) -> ConvNextImageProcessor:
+def image_processor(size: int, mean, std) -> "ConvNextImageProcessor":
     """The processor that reproduces training-time decoding: shorter side to `size` (bilinear), centre crop,
     rescale to [0, 1], normalise."""
+    # Imported here: transformers warns about its torchvision-free fallback on first access.
+    from transformers import ConvNextImageProcessor
+
     return ConvNextImageProcessor(size={"shortest_edge": size}, crop_pct=1.0, resample=2,
                                   image_mean=list(mean), image_std=list(std))
 
