@@ -158,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "30 above")
     lin.add_argument("--train_batch_size", type=int, default=None, help="linear: 1024; fewshot: 64")
     lin.add_argument("--learning_rates", type=float, nargs="+", default=None,
-                     help="linear: the lr sweep (default 1e-3 1e-2); fewshot: the first one (default 1e-3)")
+                     help="linear: the lr sweep (default 1e-3 1e-2 1e-1); fewshot: the first one (default 1e-3)")
     lin.add_argument("--weight_decays", type=float, nargs="+", default=None,
-                     help="linear: the weight-decay sweep (default 0 1e-2); fewshot: the first one (default 0.05)")
+                     help="linear: the weight-decay sweep (default 0 0.1); fewshot: the first one (default 0.05)")
     lin.add_argument("--val_fraction", type=float, default=0.1, help="linear: held-out part of train for the sweep")
     lin.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1], help="fewshot: label fractions")
     lin.add_argument("--no_finetune", action="store_true", help="fewshot: skip fine-tuning the encoder")
