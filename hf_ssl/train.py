@@ -253,7 +253,7 @@ def train(recipe: PretrainingRecipe) -> dict:
                                subset_size=recipe.eval_subset_size, k=recipe.knn_k,
                                temperature=recipe.knn_temperature, batch_size=recipe.eval_batch_size,
                                num_workers=recipe.dataloader_num_workers, seed=recipe.seed)
-    last_checkpoint = checkpoint_dirs(output_dir)[-1] if checkpoint_dirs(output_dir) else None
+    last_checkpoint = next(reversed(checkpoint_dirs(output_dir)), None)
     bad_images: list[str] = []
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="pretraining")
     running: dict[str, float] = {}
