@@ -37,7 +37,22 @@ def byol_crop_pipeline(size: int, scale: tuple[float, float], blur_p: float, sol
     return nn.Sequential(*stages)
 
 
-class MultiCropViews(nn.Module):
+class SeededViews(nn.Module):
+    """A view recipe whose every random draw comes from `seed`: `forward(images, seed)` scales the uint8 batch to
+    [0, 1] and calls `make_views` inside a forked RNG seeded with `seed` (the global RNG is left untouched)."""
+
+    def make_views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        devices = [images.device] if images.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=images.device.type):
+            torch.manual_seed(seed)
+            return self.make_views(images.float().div_(255))
+
+
+class MultiCropViews(SeededViews):
     """DINO multi-crop: `num_global_crops` large crops (the first blurred always, the second rarely and solarized
     sometimes) and `num_local_crops` small ones. Returns `global_crops` / `local_crops` stacked crop-major."""
 
@@ -59,20 +74,38 @@ class MultiCropViews(nn.Module):
             byol_crop_pipeline(local_crop_size, local_crop_scale, local_blur_p, 0.0, **common)
             for _ in range(num_local_crops))
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
-        devices = [images.device] if images.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=images.device.type):
-            torch.manual_seed(seed)
-            x = images.float().div_(255)
-            views = {"global_crops": torch.cat([crop(x) for crop in self.global_crops])}
-            if len(self.local_crops):
-                views["local_crops"] = torch.cat([crop(x) for crop in self.local_crops])
+    def make_views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        views = {"global_crops": torch.cat([crop(x) for crop in self.global_crops])}
+        if len(self.local_crops):
+            views["local_crops"] = torch.cat([crop(x) for crop in self.local_crops])
         return views
+
+
+class TwoViews(SeededViews):
+    """Two augmented views of every image (BYOL / MoCo v2 / MoCo v3), returned as `view_1` and `view_2`, each
+    `[B, C, crop_size, crop_size]`. The defaults are BYOL's / MoCo v3's asymmetric pair: blur always on view 1 and
+    rarely (0.1) on view 2, solarize only on view 2 (0.2). MoCo v2's augmentation: `blur_p: [0.5, 0.5]`,
+    `solarize_p: [0.0, 0.0]` (its colour jitter has saturation 0.4 instead of 0.2; no difference on grey images)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], crop_size: int = 224,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), color_jitter_p: float = 0.8, grayscale_p: float = 0.2,
+                 flip_p: float = 0.5, blur_p: tuple[float, float] = (1.0, 0.1),
+                 solarize_p: tuple[float, float] = (0.0, 0.2)):
+        super().__init__()
+        if len(blur_p) != 2 or len(solarize_p) != 2:
+            raise ValueError(f"blur_p and solarize_p need one value per view (2), got {list(blur_p)} and "
+                             f"{list(solarize_p)}")
+        common = dict(color_jitter_p=color_jitter_p, grayscale_p=grayscale_p, flip_p=flip_p, mean=mean, std=std)
+        self.views = nn.ModuleList(byol_crop_pipeline(crop_size, crop_scale, blur, solarize, **common)
+                                   for blur, solarize in zip(blur_p, solarize_p))
+
+    def make_views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"view_1": self.views[0](x), "view_2": self.views[1](x)}
 
 
 VIEW_RECIPES: dict[str, type[nn.Module]] = {
     "multicrop": MultiCropViews,
+    "two_views": TwoViews,
 }
 
 

@@ -126,6 +126,9 @@ def export_encoder(source: str | Path, output_dir: str | Path, include_pretraini
         "checkpoint_step": checkpoint_step,
         "training": _training_summary(run_dir, upto_step=checkpoint_step),
     }
+    if getattr(model.config, "teacher_name_or_path", None):  # DisCo: the teacher, pinned
+        info["teacher"] = {key: getattr(model.config, f"teacher_{key}", None)
+                           for key in ("name_or_path", "revision", "subfolder", "sha256")}
     (tmp / "hf_ssl.json").write_text(json.dumps(info, indent=2) + "\n")
     if (output_dir / "eval_results.json").is_file() and \
             _sha256(output_dir / "model.safetensors") == _sha256(tmp / "model.safetensors"):
@@ -334,6 +337,13 @@ def _training_rows(info: dict) -> list[tuple[str, str]]:
     rows = [("method", _method_text(info["method"])["name"]), ("backbone", _backbone_label(info))]
     if recipe.get("backbone_name_or_path"):
         rows.append(("initialised from", f"`{recipe['backbone_name_or_path']}`"))
+    teacher = info.get("teacher")
+    if teacher:
+        pinned = [f"revision `{teacher['revision']}`" if teacher.get("revision") else None,
+                  f"subfolder `{teacher['subfolder']}`" if teacher.get("subfolder") else None,
+                  f"model.safetensors sha256 `{teacher['sha256']}`" if teacher.get("sha256") else None]
+        rows.append(("distilled from (teacher)", f"`{teacher['name_or_path']}`"
+                     + "".join(f", {p}" for p in pinned if p)))
     rows.append(("dataset", f"{_dataset_label(recipe.get('dataset_name'))}"
                  + (f" ({recipe['dataset_config']})" if recipe.get("dataset_config") else "")
                  + (f", split `{recipe['train_split']}`" if recipe.get("train_split") else "")))

@@ -67,16 +67,21 @@ def build_model(recipe: PretrainingRecipe):
     probe = (AutoModel.from_pretrained(recipe.backbone_name_or_path) if recipe.backbone_name_or_path
              else build_backbone(backbone_config))
     dim = feature_dim(probe)
+    feature_configs = getattr(config_cls, "backbone_feature_configs", ())
     for key, sub_cls in config_cls.sub_configs.items():
-        if key == "backbone_config":
-            continue
+        if key == "backbone_config" or (model_kwargs.get(key) is None and key not in feature_configs):
+            continue  # an optional head left out: the config's default (e.g. MoCo v2 has no predictor)
         sub_kwargs = dict(model_kwargs.get(key) or {})
         check_keys(sub_kwargs, [k for k in init_keys(sub_cls) if k != "kwargs"], f"model.{key}")
-        if "in_dim" in init_keys(sub_cls):
+        if key in feature_configs:
             sub_kwargs.setdefault("in_dim", dim)
         model_kwargs[key] = sub_kwargs
-    config = config_cls(backbone_config=backbone_config, **model_kwargs)
-    model = method.model_class(config)
+    try:
+        # a bad value or combination of model keys, or (DisCo) a teacher that cannot be used
+        config = config_cls(backbone_config=backbone_config, **model_kwargs)
+        model = method.model_class(config)
+    except ValueError as err:
+        raise RecipeError(f"model ({recipe.method}): {err}") from None
     if recipe.backbone_name_or_path:
         model.load_backbone_weights(probe.state_dict())
     return model

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from transformers import AutoConfig, AutoModel
 
 from .dino import DinoConfig, DinoForPreTraining
+from .disco import DiscoConfig, DiscoForPreTraining
+from .moco import MocoConfig, MocoForPreTraining
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,17 @@ class Method:
 METHODS: dict[str, Method] = {
     "dino": Method("dino", DinoConfig, DinoForPreTraining, "multicrop",
                    "Caron et al., Emerging Properties in Self-Supervised Vision Transformers, ICCV 2021"),
+    "moco": Method("moco", MocoConfig, MocoForPreTraining, "two_views",
+                   "Chen et al., Improved Baselines with Momentum Contrastive Learning, 2020 (v2); Chen, Xie & He, "
+                   "An Empirical Study of Training Self-Supervised Vision Transformers, ICCV 2021 (v3)"),
+    "disco": Method("disco", DiscoConfig, DiscoForPreTraining, "two_views",
+                    "Gao et al., DisCo: Remedy Self-supervised Learning on Lightweight Models with Distilled "
+                    "Contrastive Learning, ECCV 2022"),
 }
 
 for _method in METHODS.values():
     AutoConfig.register(_method.config_class.model_type, _method.config_class, exist_ok=True)
     AutoModel.register(_method.config_class, _method.model_class, exist_ok=True)
 
-__all__ = ["METHODS", "Method", "DinoConfig", "DinoForPreTraining"]
+__all__ = ["METHODS", "Method", "DinoConfig", "DinoForPreTraining", "DiscoConfig", "DiscoForPreTraining",
+           "MocoConfig", "MocoForPreTraining"]

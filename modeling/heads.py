@@ -1,4 +1,6 @@
 """Heads shared by the methods: small `PreTrainedModel`s with their own configs, nested in method configs."""
+import math
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -26,6 +28,61 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, norm: str |
     if last_norm:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)
+
+
+class ProjectionHeadConfig(PretrainedConfig):
+    """An MLP head: projector (MoCo v2: 2 layers, no norm; MoCo v3: 3 layers, BatchNorm, affine-free last BN) or
+    predictor (MoCo v3: 2 layers, BatchNorm).
+
+    Args:
+        in_dim: input size (the backbone's pooled feature for a projector; the projector's output for a predictor).
+        hidden_dim: hidden width; None means `in_dim` (MoCo v2's `Linear(dim_mlp, dim_mlp)`).
+        out_dim: embedding size.
+        num_layers: linear layers.
+        norm: None, "batchnorm" or "layernorm" after every hidden linear layer.
+        last_norm: an affine-free BatchNorm after the last layer.
+        activation: "relu" or "gelu".
+    """
+
+    model_type = "hf_ssl_projection_head"
+
+    def __init__(self, in_dim: int = 2048, hidden_dim: int | None = None, out_dim: int = 128, num_layers: int = 2,
+                 norm: str | None = None, last_norm: bool = False, activation: str = "relu", **kwargs):
+        self.in_dim = in_dim
+        self.hidden_dim = hidden_dim
+        self.out_dim = out_dim
+        self.num_layers = num_layers
+        self.norm = norm
+        self.last_norm = last_norm
+        self.activation = activation
+        super().__init__(**kwargs)
+
+
+class ProjectionHead(PreTrainedModel):
+    config_class = ProjectionHeadConfig
+    base_model_prefix = "projection_head"
+    main_input_name = "features"
+
+    def __init__(self, config: ProjectionHeadConfig):
+        super().__init__(config)
+        hidden = config.hidden_dim or config.in_dim
+        self.mlp = mlp(config.in_dim, hidden, config.out_dim, config.num_layers, config.norm, config.activation,
+                       last_norm=config.last_norm)
+        self.post_init()
+
+    def _init_weights(self, module):
+        # PyTorch's default Linear initialisation (what the MoCo code uses), through transformers' init functions.
+        if isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.in_features)
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, (nn.BatchNorm1d, nn.LayerNorm)) and module.weight is not None:
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(features)
 
 
 class DinoHeadConfig(PretrainedConfig):

@@ -1,6 +1,7 @@
 """Losses shared by the methods, one function each, plus the EMA update.
 
 Every loss takes tensors and plain values (temperatures come from schedules, computed by the caller).
+The contrastive losses L2-normalise the embeddings they are given (a queue holds already normalised keys).
 """
 from collections.abc import Iterable, Sequence
 
@@ -35,6 +36,58 @@ def dino_loss(
             total = total + torch.sum(-q * log_p, dim=-1).mean()
             n_terms += 1
     return total / n_terms
+
+
+def info_nce_loss(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo v2 InfoNCE: each query is classified against its positive key (the same image, other view) and the
+    `negatives` (the queue).
+
+    Args:
+        query: `[B, D]` query embeddings (L2-normalised here).
+        key: `[B, D]` positive keys (L2-normalised here, no gradient flows into them).
+        negatives: `[K, D]` L2-normalised negative keys.
+    Returns:
+        mean over the batch of -log(exp(q·k+/T) / (exp(q·k+/T) + Σ_n exp(q·n/T))).
+    """
+    query, key = F.normalize(query, dim=1), F.normalize(key.detach(), dim=1)
+    positive = (query * key).sum(dim=1, keepdim=True)
+    negative = query @ negatives.detach().to(query.dtype).T
+    logits = torch.cat([positive, negative], dim=1) / temperature
+    return F.cross_entropy(logits.float(), torch.zeros(query.shape[0], dtype=torch.long, device=query.device))
+
+
+def in_batch_info_nce_loss(query: torch.Tensor, keys: torch.Tensor, temperature: float,
+                           label_offset: int = 0) -> torch.Tensor:
+    """InfoNCE with the other samples of the batch as negatives (MoCo v3's `contrastive_loss`, without its 2T).
+
+    Args:
+        query: `[B, D]` embeddings of this process's images (L2-normalised here).
+        keys: `[N, D]` keys of the global batch, every process's in rank order (L2-normalised here, no gradient).
+        label_offset: the row of `keys` holding the positive of `query[0]` (rank × local batch size).
+    Returns:
+        mean over the batch of the cross-entropy of softmax(q·keys/T) against the positive key's index.
+    """
+    query, keys = F.normalize(query, dim=1), F.normalize(keys.detach(), dim=1)
+    logits = query @ keys.T / temperature
+    labels = torch.arange(query.shape[0], device=query.device) + label_offset
+    return F.cross_entropy(logits.float(), labels)
+
+
+def moco_v3_loss(query_1: torch.Tensor, query_2: torch.Tensor, keys_1: torch.Tensor, keys_2: torch.Tensor,
+                 temperature: float, label_offset: int = 0) -> torch.Tensor:
+    """MoCo v3's symmetric loss: 2T · (InfoNCE(q1, k2) + InfoNCE(q2, k1)), keys of the (gathered) batch as
+    negatives (see `in_batch_info_nce_loss`). `query_v` is the predictor output of view v, `keys_v` the momentum
+    encoder's embeddings of view v over the global batch."""
+    return 2 * temperature * (in_batch_info_nce_loss(query_1, keys_2, temperature, label_offset)
+                              + in_batch_info_nce_loss(query_2, keys_1, temperature, label_offset))
+
+
+def normalized_mse_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """DisCo's distillation term: mean squared error between the L2-normalised `prediction` and the L2-normalised,
+    constant `target`, averaged over batch and dimensions (`nn.MSELoss()` as in the official code); equals
+    (2 - 2 cos) / D per sample."""
+    prediction, target = F.normalize(prediction.float(), dim=1), F.normalize(target.detach().float(), dim=1)
+    return F.mse_loss(prediction, target)
 
 
 @torch.no_grad()

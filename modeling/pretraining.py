@@ -6,7 +6,10 @@ The training loop only talks to a method model through this interface:
   * `post_optimizer_step(momentum=...)` does EMA / queue updates, called only after a real optimizer step;
   * `get_encoder()` is the backbone that gets published;
   * `set_requires_grad()` freezes what is not trained (called at construction and after `from_pretrained`).
+A model that can serve as a distillation teacher (DisCo) also implements `embed(pixel_values)` (backbone +
+projection head, the embedding its loss compares) and `embedding_dim`.
 """
+import torch
 from transformers import PreTrainedModel
 
 
@@ -33,3 +36,12 @@ class SSLPreTrainedModel(PreTrainedModel):
 
     def get_encoder(self) -> PreTrainedModel:
         raise NotImplementedError
+
+    @property
+    def embedding_dim(self) -> int | None:
+        """Size of `embed`'s output; None for a model without a projection embedding."""
+        return None
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[B, embedding_dim]`: the projection embedding of images (not normalised), as a DisCo teacher gives it."""
+        raise NotImplementedError(f"{type(self).__name__} has no projection embedding")

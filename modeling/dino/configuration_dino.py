@@ -21,6 +21,8 @@ class DinoConfig(PretrainedConfig):
 
     model_type = "hf_ssl_dino"
     sub_configs = {"backbone_config": AutoConfig, "head_config": DinoHeadConfig}
+    # Sub-configs whose `in_dim` is the backbone's pooled feature size (the training loop fills it in).
+    backbone_feature_configs = ("head_config",)
 
     def __init__(self, backbone_config=None, head_config=None, student_temperature: float = 0.1,
                  center_momentum: float = 0.9, num_global_crops: int = 2, freeze_last_layer_epochs: int = 1,
