@@ -98,3 +98,24 @@ def ema_update(target: Iterable[torch.Tensor], online: Iterable[torch.Tensor], m
         raise ValueError(f"EMA needs matching parameter lists, got {len(target)} and {len(online)}")
     torch._foreach_mul_(target, momentum)
     torch._foreach_add_(target, online, alpha=1.0 - momentum)
+
+
+def koleo_loss(embeddings: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo regulariser (Sablayrolles et al., 2019; used by DINOv2): the negative log of each L2-normalised
+    embedding's distance to its nearest neighbour in the batch, averaged. Minimising it spreads the embeddings
+    over the sphere, against the dimensional collapse of clustering objectives.
+
+    Args:
+        embeddings: `[B, D]`, B >= 2 (L2-normalised here).
+    Returns:
+        -mean_i log(min_{j != i} ||x_i - x_j|| + eps).
+    """
+    if embeddings.shape[0] < 2:
+        raise ValueError(f"koleo_loss needs at least 2 embeddings, got {embeddings.shape[0]}")
+    x = F.normalize(embeddings.float(), dim=1)
+    with torch.no_grad():  # the nearest neighbour is a choice, not a function to differentiate
+        similarity = x @ x.T
+        similarity.fill_diagonal_(-2.0)
+        nearest = similarity.argmax(dim=1)
+    distance = (x - x[nearest]).norm(dim=1)
+    return -torch.log(distance + eps).mean()

@@ -10,7 +10,7 @@ import modeling
 from modeling import DinoConfig, DinoForPreTraining
 from modeling.backbones import pooled_features
 from modeling.heads import DinoHeadConfig
-from modeling.losses import dino_loss, ema_update
+from modeling.losses import dino_loss, ema_update, koleo_loss
 
 
 def tiny_dino(out_dim=16, **kwargs) -> DinoForPreTraining:
@@ -82,6 +82,48 @@ def test_model_forward_is_the_dino_loss_of_its_parts():
     torch.testing.assert_close(model.center, 0.9 * center_before + 0.1 * t_global.mean(0, keepdim=True))
     assert 0 < out.teacher_entropy.item() <= math.log(16) + 1e-5
     assert out.embedding_std.item() > 0
+
+
+def reference_koleo(x):
+    """-mean log(distance to the nearest other point) of the L2-normalised rows, float64 numpy, by loops."""
+    x = x.detach().double().numpy()
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    logs = []
+    for i in range(len(x)):
+        logs.append(np.log(min(np.linalg.norm(x[i] - x[j]) for j in range(len(x)) if j != i) + 1e-8))
+    return -float(np.mean(logs))
+
+
+def test_koleo_loss_matches_independent_computation_and_spreads_points():
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(3))
+    assert koleo_loss(x).item() == pytest.approx(reference_koleo(x), rel=1e-5)
+    # two points at 90 degrees: distance sqrt(2) each
+    assert koleo_loss(torch.tensor([[1.0, 0.0], [0.0, 2.0]])).item() == pytest.approx(-math.log(math.sqrt(2)), rel=1e-6)
+    # a gradient step on the loss pushes the closest pair apart
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0]], requires_grad=True)
+    koleo_loss(x).backward()
+    with torch.no_grad():
+        moved = torch.nn.functional.normalize(x - 0.1 * x.grad, dim=1)
+    assert (moved[0] - moved[1]).norm() > (torch.nn.functional.normalize(x.detach(), dim=1)[:2].diff(dim=0)).norm()
+    with pytest.raises(ValueError, match="at least 2"):
+        koleo_loss(torch.randn(1, 4))
+
+
+def test_model_loss_adds_the_weighted_koleo_of_the_student_global_features():
+    model = tiny_dino(koleo_weight=0.3).train()
+    for module in (model.student_backbone, model.teacher_backbone, model.student_head, model.teacher_head):
+        module.eval()
+    g = torch.Generator().manual_seed(4)
+    global_crops, local_crops = torch.randn(2 * 5, 3, 32, 32, generator=g), torch.randn(2 * 5, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        s_global = pooled_features(model.student_backbone, global_crops)
+    expected_koleo = (reference_koleo(s_global[:5]) + reference_koleo(s_global[5:])) / 2
+    out = model(global_crops=global_crops, local_crops=local_crops, teacher_temperature=0.04)
+    assert out.koleo.item() == pytest.approx(expected_koleo, rel=1e-5)
+    assert out.loss.item() == pytest.approx(out.dino_loss.item() + 0.3 * expected_koleo, rel=1e-5)
+    assert tiny_dino().config.koleo_weight == 0.0  # off by default: the original DINO
+    with pytest.raises(ValueError, match="koleo_weight"):
+        DinoConfig(koleo_weight=-1.0)
 
 
 def test_teacher_starts_as_student_gets_no_gradient_and_follows_by_ema():

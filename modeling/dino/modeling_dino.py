@@ -7,7 +7,7 @@ from transformers.utils import ModelOutput
 from ..backbones import build_backbone, pooled_features
 from ..distributed import all_reduce_mean
 from ..heads import DinoHead
-from ..losses import dino_loss, ema_update
+from ..losses import dino_loss, ema_update, koleo_loss
 from ..pretraining import SSLPreTrainedModel
 from .configuration_dino import DinoConfig
 
@@ -15,7 +15,9 @@ from .configuration_dino import DinoConfig
 @dataclass
 class DinoPreTrainingOutput(ModelOutput):
     """
-    loss: the DINO cross-entropy.
+    loss: the DINO cross-entropy (+ koleo_weight × koleo).
+    dino_loss: the DINO cross-entropy alone.
+    koleo: the KoLeo term on the student's pooled features of the global crops (0 when koleo_weight is 0).
     teacher_entropy: mean entropy of the teacher's centred, sharpened distribution (collapse: → 0 or → ln K).
     teacher_center_kl: mean KL(teacher ‖ softmax(center / τt)); near 0 means the teacher only outputs the center.
     embedding_std: std over the batch of the L2-normalised teacher features, averaged over dimensions
@@ -23,6 +25,8 @@ class DinoPreTrainingOutput(ModelOutput):
     """
 
     loss: torch.FloatTensor | None = None
+    dino_loss: torch.FloatTensor | None = None
+    koleo: torch.FloatTensor | None = None
     teacher_entropy: torch.FloatTensor | None = None
     teacher_center_kl: torch.FloatTensor | None = None
     embedding_std: torch.FloatTensor | None = None
@@ -65,11 +69,12 @@ class DinoForPreTraining(SSLPreTrainedModel):
     def get_encoder(self):
         return self.teacher_backbone
 
-    def _student_logits(self, global_crops, local_crops):
-        features = [pooled_features(self.student_backbone, global_crops)]
-        if local_crops is not None and local_crops.numel() > 0:
-            features.append(pooled_features(self.student_backbone, local_crops))
-        return self.student_head(torch.cat(features))
+    def _student_features(self, global_crops, local_crops):
+        """The student's pooled features of the global crops and of all crops (global first)."""
+        global_features = pooled_features(self.student_backbone, global_crops)
+        if local_crops is None or local_crops.numel() == 0:
+            return global_features, global_features
+        return global_features, torch.cat([global_features, pooled_features(self.student_backbone, local_crops)])
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None,
                 teacher_temperature: float = 0.04, return_dict: bool = True) -> DinoPreTrainingOutput:
@@ -78,12 +83,18 @@ class DinoForPreTraining(SSLPreTrainedModel):
             raise ValueError(f"global_crops has {global_crops.shape[0]} rows, not a multiple of "
                              f"num_global_crops={n_global}")
         batch_size = global_crops.shape[0] // n_global
-        student_logits = self._student_logits(global_crops, local_crops).split(batch_size)
+        student_global, student_all = self._student_features(global_crops, local_crops)
+        student_logits = self.student_head(student_all).split(batch_size)
         with torch.no_grad():
             teacher_features = pooled_features(self.teacher_backbone, global_crops)
             teacher_logits = self.teacher_head(teacher_features)
-        loss = dino_loss(list(student_logits), list(teacher_logits.split(batch_size)), self.center,
-                         self.config.student_temperature, teacher_temperature)
+        distillation = dino_loss(list(student_logits), list(teacher_logits.split(batch_size)), self.center,
+                                 self.config.student_temperature, teacher_temperature)
+        loss = distillation
+        koleo = torch.zeros((), device=distillation.device)
+        if self.config.koleo_weight:
+            koleo = sum(koleo_loss(crop) for crop in student_global.split(batch_size)) / n_global
+            loss = distillation + self.config.koleo_weight * koleo
 
         with torch.no_grad():
             log_q = F.log_softmax((teacher_logits - self.center) / teacher_temperature, dim=-1)
@@ -97,7 +108,8 @@ class DinoForPreTraining(SSLPreTrainedModel):
                 m = self.config.center_momentum
                 self.center.mul_(m).add_(batch_center, alpha=1 - m)
 
-        output = DinoPreTrainingOutput(loss=loss, teacher_entropy=entropy, teacher_center_kl=center_kl,
+        output = DinoPreTrainingOutput(loss=loss, dino_loss=distillation.detach(), koleo=koleo.detach(),
+                                       teacher_entropy=entropy, teacher_center_kl=center_kl,
                                        embedding_std=embedding_std)
         return output if return_dict else output.to_tuple()
 
