@@ -6,12 +6,25 @@ Unknown keys are refused with the closest valid key; method-specific model keys 
 import dataclasses
 import difflib
 import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML as recipes mean it: PyYAML (YAML 1.1) reads `1e-4` as a string, YAML 1.2 and users as a float."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_RecipeLoader)
 
 
 class RecipeError(ValueError):
@@ -183,7 +196,7 @@ def _check_type(key: str, value, annotation) -> None:
 
 def _parse_value(text: str):
     try:
-        return yaml.safe_load(text)
+        return _yaml_load(text)
     except yaml.YAMLError:
         return text
 
@@ -229,7 +242,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise RecipeError(f"{path} must hold a mapping of recipe keys, got {type(data).__name__}")
     if overrides:

@@ -208,12 +208,28 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
     try:
         accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
     except pickle.UnpicklingError as err:
-        raise TrainingError(f"cannot resume from {checkpoint}: a state file holds more than tensors and plain data "
-                            f"and was refused (weights_only=True): {str(err).splitlines()[0]}") from None
+        culprit = next((name for name in refused_state_files(checkpoint)), "a state file")
+        raise TrainingError(f"cannot resume from {checkpoint}: {culprit} holds more than tensors and plain data "
+                            f"(a pickle that could run code) and was refused (weights_only=True): "
+                            f"{str(err).splitlines()[0]}") from None
     except (OSError, RuntimeError, KeyError, ValueError) as err:
         raise TrainingError(f"cannot resume from {checkpoint}: {type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else ''}") from None
     check_rng_restored(checkpoint / f"random_states_{accelerator.process_index}.pkl")
+
+
+def refused_state_files(checkpoint: Path) -> list[str]:
+    """The pickled state files of `checkpoint` that `torch.load(weights_only=True)` refuses (an error path)."""
+    from accelerate.utils import load as accelerate_load
+
+    refused = []
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix in (".bin", ".pkl", ".pt"):
+            try:
+                accelerate_load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                refused.append(path.name)
+    return refused
 
 
 def check_rng_restored(path: Path) -> None:
@@ -599,7 +615,8 @@ def train(recipe: PretrainingRecipe) -> dict:
                 accelerator.log(scores, step=step)
             record_eval_results(output_dir / "encoder", report["records"])
             write_model_card(output_dir / "encoder")
-        plot_run(output_dir, extract=False)  # curves; t-SNE map of the eval features cached by the kNN above
+        # curves; t-SNE map of the eval features cached by the kNN above (none without it: labels may be missing)
+        plot_run(output_dir, extract=False, embedding_map=bool(recipe.do_eval and recipe.eval_split))
     if recipe.with_tracking:
         accelerator.end_training()
     return results
