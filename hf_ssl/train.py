@@ -278,10 +278,10 @@ def supersede_after(output_dir: Path, step: int) -> None:
             shutil.rmtree(tmp)
         later = [p for p in checkpoint_dirs(output_dir) if int(p.name[5:]) > step]
         for path in later:
-            target = root / "superseded" / path.name
+            target, n = root / "superseded" / path.name, 1
+            while target.exists():  # superseded before, by an earlier restart: keep both
+                target, n = root / "superseded" / f"{path.name}.{n}", n + 1
             target.parent.mkdir(exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
             os.replace(path, target)
             logger.warning("moved %s to %s: training restarts at step %d", path, target, step)
     metrics = output_dir / "metrics.jsonl"
@@ -446,6 +446,9 @@ def train(recipe: PretrainingRecipe) -> dict:
         load_checkpoint(accelerator, checkpoint)
         step = int(checkpoint.name[5:])
         accelerator.print(f"Resumed from {checkpoint} at step {step}")
+        if step % recipe.logging_steps and step < total_steps:
+            logger.warning("resumed at step %d, not a multiple of logging_steps=%d: the next record averages the "
+                           "steps since the resume only", step, recipe.logging_steps)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         supersede_after(output_dir, step)

@@ -301,20 +301,22 @@ def corpus_rows(n_plain: int) -> dict[str, bytes]:
     return rows
 
 
-def test_cli_skip_policy_on_an_imagefolder_with_the_bad_image_corpus(tiny_recipe, tmp_path):
+def test_cli_skip_policy_on_an_imagefolder_with_the_bad_image_corpus(tiny_recipe, tmp_path, capsys, caplog,
+                                                                     monkeypatch):
     folder = tmp_path / "folder"
     rows = corpus_rows(24 - len(GOOD_ODD_IMAGES) - len(BAD_IMAGES))  # 24 rows: 3 batches of 8, every row seen
     for name, data in rows.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
-    result = subprocess.run([sys.executable, "-m", "hf_ssl", "train", tiny_recipe, "--dataset_name", folder,
-                             "--on_bad_image", "skip", "--do_eval", "false"], capture_output=True, text=True,
-                            env={**ENV, "HF_DATASETS_CACHE": str(tmp_path / "hf-cache")}, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")  # not the user's cache
+    with caplog.at_level(logging.WARNING, logger="hf_ssl.train"):
+        code, err = cli(capsys, "train", tiny_recipe, "--dataset_name", folder, "--on_bad_image", "skip",
+                        "--do_eval", "false")
+    assert code == 0, err[-3000:]
     run = tmp_path / "run"
     assert [r["step"] for r in train_records(run)] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in train_records(run))
-    assert f"skipped {len(BAD_IMAGES)} bad images, listed in {run / 'bad_images.txt'}" in result.stderr
+    assert f"skipped {len(BAD_IMAGES)} bad images, listed in {run / 'bad_images.txt'}" in caplog.text
     lines = (run / "bad_images.txt").read_text().splitlines()
     assert len(lines) == len(BAD_IMAGES)
     for name, (_, reason) in BAD_IMAGES.items():
