@@ -6,7 +6,6 @@ Everything is generated in tmp_path; the Hub is never contacted (offline mode is
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 import struct
 
