@@ -5,6 +5,7 @@ straight from the data loader (already on the training device), `seed` fixes eve
 so that the same step gets the same views after a resume. It returns the keyword arguments of the method's
 `forward`. Methods name their recipe in the registry (`modeling.METHODS[...].views`).
 """
+import difflib
 import inspect
 
 import kornia.augmentation as K
@@ -18,11 +19,32 @@ def _blur_kernel(size: int) -> int:
     return k if k % 2 else k + 1
 
 
+def check_crop(name: str, size, scale) -> None:
+    """ValueError unless `size` is a positive int and `scale` a (min, max) area fraction with 0 < min <= max <= 1."""
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(f"{name}_size must be a positive number of pixels, got {size!r}")
+    if (not isinstance(scale, (list, tuple)) or len(scale) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)):
+        raise ValueError(f"{name}_scale must be [min, max], got {scale!r}")
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"{name}_scale must satisfy 0 < min <= max <= 1 (fractions of the image area), "
+                         f"got {list(scale)}")
+
+
+def check_probability(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+
+
 def byol_crop_pipeline(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
                        color_jitter_p: float, grayscale_p: float, flip_p: float,
                        mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Sequential:
     """The BYOL/DINO augmentation of one crop: random resized crop, flip, colour jitter, grayscale, blur,
     solarize, normalise. Input float in [0, 1]."""
+    check_crop("crop", size, scale)
+    for name, p in (("blur_p", blur_p), ("solarize_p", solarize_p), ("color_jitter_p", color_jitter_p),
+                    ("grayscale_p", grayscale_p), ("flip_p", flip_p)):
+        check_probability(name, p)
     stages = [K.RandomResizedCrop((size, size), scale=tuple(scale)), K.RandomHorizontalFlip(p=flip_p)]
     if color_jitter_p > 0:
         stages.append(K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=color_jitter_p))
@@ -63,6 +85,18 @@ class MultiCropViews(SeededViews):
                  global_blur_p: tuple[float, float] = (1.0, 0.1), global_solarize_p: tuple[float, float] = (0.0, 0.2),
                  local_blur_p: float = 0.5):
         super().__init__()
+        check_crop("global_crop", global_crop_size, global_crop_scale)
+        check_crop("local_crop", local_crop_size, local_crop_scale)
+        if isinstance(num_local_crops, bool) or not isinstance(num_local_crops, int) or num_local_crops < 0:
+            raise ValueError(f"num_local_crops must be an int >= 0, got {num_local_crops!r}")
+        for name, values in (("global_blur_p", global_blur_p), ("global_solarize_p", global_solarize_p)):
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ValueError(f"{name} needs one probability per global crop, got {values!r}")
+            for value in values:
+                check_probability(name, value)
+        for name, value in (("color_jitter_p", color_jitter_p), ("grayscale_p", grayscale_p), ("flip_p", flip_p),
+                            ("local_blur_p", local_blur_p)):
+            check_probability(name, value)
         if len(global_blur_p) != len(global_solarize_p):
             raise ValueError("global_blur_p and global_solarize_p need one value per global crop, got "
                              f"{list(global_blur_p)} and {list(global_solarize_p)}")
@@ -117,5 +151,8 @@ def build_views(recipe: str, mean, std, **kwargs) -> nn.Module:
     valid = [p for p in inspect.signature(cls).parameters if p not in ("mean", "std")]
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
-        raise ValueError(f"Unknown augmentation key(s) {unknown} for view recipe {recipe!r}; valid keys: {valid}")
+        hints = "".join(f"; did you mean {match[0]!r} for {key!r}?" for key in unknown
+                        if (match := difflib.get_close_matches(key, valid, n=1, cutoff=0.5)))
+        raise ValueError(f"Unknown augmentation key(s) {unknown} for view recipe {recipe!r}{hints}; "
+                         f"valid keys: {valid}")
     return cls(mean=tuple(mean), std=tuple(std), **kwargs)

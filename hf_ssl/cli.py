@@ -120,6 +120,15 @@ def _features(args) -> int:
     return 0
 
 
+def one_line(err: Exception) -> str:
+    """The error's own message. A DataLoader worker's exception is re-raised in the main process with the
+    worker's traceback in its message; its last line is the original `module.Error: message`."""
+    message = str(err)
+    if "\nOriginal Traceback" in message:
+        message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return message
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-ssl", description="Self-supervised pretraining of image encoders "
                                      "for the Hugging Face ecosystem.")
@@ -227,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 "plot": _plot}[args.command](args)
     except (CliError, DataError, EvaluationError, ExportError, FeaturesError, HubError, RecipeError,
             TrainingError) as err:
-        print(f"hf-ssl {args.command}: error: {err}", file=sys.stderr)
+        print(f"hf-ssl {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -502,8 +502,11 @@ class ImageDecoder:
     Returns ``{"pixel_values": uint8 [B, 3, size, size], "bad_images": list[str]}`` plus
     ``"labels": int64 [B]`` when ``label_column`` is set.
 
-    Bad images (unreadable, truncated, empty, smaller than ``min_size`` on a side, more than
-    ``max_pixels`` pixels, decompression bombs) follow ``on_bad_image``:
+    Valid but odd images decode normally: CMYK, RGBA, palette, 16-bit, grayscale, EXIF-rotated,
+    1x1 (upscaled) and very elongated ones (e.g. 10000x10: the center square is kept).
+
+    Bad images (unreadable, truncated, empty, not an image, smaller than ``min_size`` on a side,
+    more than ``max_pixels`` pixels: decompression bombs) follow ``on_bad_image``:
 
     * ``"error"``: raise :class:`DataError` naming the row index and/or file and the reason;
     * ``"skip"``: leave the row out of the batch and report ``"<row/file>\\t<reason>"`` both in
@@ -512,8 +515,9 @@ class ImageDecoder:
 
     A batch in which every image is bad has ``B == 0``.
 
-    PIL refuses images above twice ``PIL.Image.MAX_IMAGE_PIXELS`` (178 956 970 pixels by default)
-    whatever ``max_pixels`` says; such images are bad images too.
+    ``max_pixels`` defaults to ``PIL.Image.MAX_IMAGE_PIXELS`` (89 478 485), where PIL starts to warn
+    of a decompression bomb; it is judged from the header, before anything is decoded. PIL refuses
+    images above twice its limit whatever ``max_pixels`` says; such images are bad images too.
     """
 
     def __init__(
@@ -522,8 +526,8 @@ class ImageDecoder:
         size: int,
         label_column: str | None = None,
         on_bad_image: str = "error",
-        min_size: int = 2,
-        max_pixels: int = 178956970,
+        min_size: int = 1,
+        max_pixels: int | None = None,
     ):
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
@@ -534,7 +538,7 @@ class ImageDecoder:
         self.label_column = label_column
         self.on_bad_image = on_bad_image
         self.min_size = min_size
-        self.max_pixels = max_pixels
+        self.max_pixels = PIL.Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
         self.bad_images: list[str] = []
 
     def __call__(self, rows: list[dict]) -> dict:
@@ -589,8 +593,11 @@ class ImageDecoder:
         width, height = image.size
         if min(width, height) < self.min_size:
             raise DataError(f"image too small ({width}x{height} px, minimum {self.min_size} px a side)")
-        if width * height > self.max_pixels:
-            raise DataError(f"image too large ({width}x{height} px, more than {self.max_pixels} pixels)")
+        if self.max_pixels is not None and width * height > self.max_pixels:
+            raise DataError(
+                f"image too large ({width}x{height} px, more than {self.max_pixels} pixels): "
+                "a possible decompression bomb"
+            )
         if image.format == "JPEG":
             # Let libjpeg decode at a reduced scale that still covers size x size: much faster.
             image.draft(None, (self.size, self.size))

@@ -6,12 +6,25 @@ Unknown keys are refused with the closest valid key; method-specific model keys 
 import dataclasses
 import difflib
 import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML as recipes mean it: PyYAML (YAML 1.1) reads `1e-4` as a string, YAML 1.2 and users as a float."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_RecipeLoader)
 
 
 class RecipeError(ValueError):
@@ -81,24 +94,51 @@ class PretrainingRecipe:
     eval_steps: int | None = None  # online kNN (knn_k, knn_temperature) every N optimizer steps; None: off
     eval_subset_size: int | None = 5000  # online kNN: seeded random subsets of at most N train (memory bank) and
     # N eval_split (query) images; None: the full splits
+    # --- reliability ---
+    # A non-finite (NaN/Inf) loss. stop: raise, naming the step and the last good checkpoint. skip: the optimizer
+    # step is skipped (gradients zeroed, no optimizer step, no EMA update, buffers such as DINO's center and
+    # BatchNorm statistics restored to their values before the step), it is counted as `skipped_steps` in
+    # metrics.jsonl, and training goes on; after nan_max_consecutive_skips skipped steps in a row it stops as
+    # under stop.
+    nan_policy: str = "stop"
+    nan_max_consecutive_skips: int = 10
+    # Collapse monitor: a warning is logged when the logged embedding_std (std over the batch of L2-normalised
+    # embeddings, 1/sqrt(d) when they are spread out, 0 when collapsed) falls below
+    # collapse_std_fraction / sqrt(d); null: no warning (embedding_std is logged regardless).
+    collapse_std_fraction: float | None = 0.1
 
     def __post_init__(self):
         choices = {"optimizer": ("adamw", "sgd"), "mixed_precision": ("no", "fp16", "bf16"),
-                   "on_bad_image": ("skip", "error")}
+                   "on_bad_image": ("skip", "error"), "nan_policy": ("stop", "skip")}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise RecipeError(f"{key}={getattr(self, key)!r} is not one of {list(valid)}")
         positive = ("image_size", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
-                    "eval_batch_size", "knn_k")
+                    "eval_batch_size", "knn_k", "learning_rate", "knn_temperature", "teacher_temperature",
+                    "warmup_teacher_temperature", "nan_max_consecutive_skips")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise RecipeError(f"{key} must be > 0, got {getattr(self, key)}")
+        non_negative = ("min_learning_rate", "warmup_epochs", "weight_decay", "weight_decay_end",
+                        "warmup_teacher_temperature_epochs", "dataloader_num_workers", "seed")
+        for key in non_negative:
+            if getattr(self, key) < 0:
+                raise RecipeError(f"{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("max_grad_norm", "lr_scaling_batch_size", "save_total_limit", "collapse_std_fraction"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise RecipeError(f"{key} must be > 0 or null, got {getattr(self, key)}")
+        for key in ("adam_beta1", "adam_beta2", "sgd_momentum"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise RecipeError(f"{key} must be in [0, 1), got {getattr(self, key)}")
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
             raise RecipeError("set num_train_epochs > 0 or max_steps > 0")
         if self.checkpointing_steps is not None and self.checkpointing_steps <= 0:
             raise RecipeError(f"checkpointing_steps must be > 0 or null, got {self.checkpointing_steps}")
-        if len(self.image_mean) != len(self.image_std):
-            raise RecipeError(f"image_mean and image_std differ in length: {self.image_mean} vs {self.image_std}")
+        for key in ("image_mean", "image_std"):
+            if len(getattr(self, key)) != 3:  # images are decoded to RGB
+                raise RecipeError(f"{key} needs one value per RGB channel (3), got {getattr(self, key)}")
+        if any(s <= 0 for s in self.image_std):
+            raise RecipeError(f"image_std values must be > 0, got {self.image_std}")
         for key in ("ema_momentum", "ema_momentum_end"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise RecipeError(f"{key} must be in [0, 1], got {getattr(self, key)}")
@@ -156,7 +196,7 @@ def _check_type(key: str, value, annotation) -> None:
 
 def _parse_value(text: str):
     try:
-        return yaml.safe_load(text)
+        return _yaml_load(text)
     except yaml.YAMLError:
         return text
 
@@ -202,7 +242,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise RecipeError(f"{path} must hold a mapping of recipe keys, got {type(data).__name__}")
     if overrides:

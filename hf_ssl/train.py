@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from modeling.backbones import backbone_config_from_preset, build_backbone, feat
 
 from . import schedules
 from .augment import build_views
-from .data import ImageDecoder, build_dataloader, load_image_dataset
+from .data import DataError, ImageDecoder, build_dataloader, label_column_of, load_image_dataset
 from .recipe import PretrainingRecipe, RecipeError, check_keys, init_keys, save_recipe
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ def clip_gradients(parameters, max_norm: float, per_parameter: bool) -> None:
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """The complete checkpoints `checkpoints/step_N`, oldest first (`.tmp_step_N` are unfinished saves)."""
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
@@ -175,13 +177,220 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, save_
     if accelerator.is_main_process:
         # config.json beside accelerate's model.safetensors: the checkpoint loads with from_pretrained / export.
         model_config.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():  # renamed away first: a kill at any point leaves a complete step_N or none
+            os.replace(final, root / f".tmp_old_step_{step}")
         os.replace(tmp, final)
+        shutil.rmtree(root / f".tmp_old_step_{step}", ignore_errors=True)
         if save_total_limit:
             for old in checkpoint_dirs(output_dir)[:-save_total_limit]:
-                shutil.rmtree(old)
+                doomed = root / f".tmp_deleting_{old.name}"  # never a half-deleted step_N
+                os.replace(old, doomed)
+                shutil.rmtree(doomed)
     accelerator.wait_for_everyone()
     return final
+
+
+def required_checkpoint_files(accelerator: Accelerator) -> list[str]:
+    """What a resume needs from `accelerator.save_state` (one model, one optimizer, safetensors weights)."""
+    files = ["model.safetensors", "optimizer.bin", f"random_states_{accelerator.process_index}.pkl"]
+    if accelerator.scaler is not None:
+        files.append("scaler.pt")
+    return files
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
+    """`accelerator.load_state`, made strict: every piece of state must be there and really be restored.
+
+    accelerate loads the weights from model.safetensors, and optimizer.bin / RNG states with
+    `torch.load(weights_only=True)` (a pickle that would run code is refused); but it catches any failure to
+    restore the RNG states and goes on with a log line. Here a missing file, a refused pickle, or RNG states that
+    are not the saved ones raise a TrainingError naming the piece.
+    """
+    missing = [name for name in required_checkpoint_files(accelerator) if not (checkpoint / name).is_file()]
+    if missing:
+        raise TrainingError(f"cannot resume from {checkpoint}: missing {', '.join(missing)} "
+                            "(weights must be model.safetensors; optimizer and RNG states are required)")
+    try:
+        accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+    except pickle.UnpicklingError as err:
+        culprit = next((name for name in refused_state_files(checkpoint)), "a state file")
+        raise TrainingError(f"cannot resume from {checkpoint}: {culprit} holds more than tensors and plain data "
+                            f"(a pickle that could run code) and was refused (weights_only=True): "
+                            f"{str(err).splitlines()[0]}") from None
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        raise TrainingError(f"cannot resume from {checkpoint}: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    check_rng_restored(checkpoint / f"random_states_{accelerator.process_index}.pkl")
+
+
+def refused_state_files(checkpoint: Path) -> list[str]:
+    """The pickled state files of `checkpoint` that `torch.load(weights_only=True)` refuses (an error path)."""
+    from accelerate.utils import load as accelerate_load
+
+    refused = []
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix in (".bin", ".pkl", ".pt"):
+            try:
+                accelerate_load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                refused.append(path.name)
+    return refused
+
+
+def check_rng_restored(path: Path) -> None:
+    """TrainingError unless the global RNGs (python, numpy, torch, CUDA) now hold the states saved in `path`."""
+    import random
+
+    import numpy as np
+    from accelerate.utils import load as accelerate_load
+
+    try:
+        saved = accelerate_load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- any failure to read the file means the RNG was not restored
+        raise TrainingError(f"cannot resume: the RNG states in {path} cannot be read "
+                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    checks = {
+        "python random": lambda: random.getstate() == saved["random_state"],
+        "numpy": lambda: all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), saved["numpy_random_seed"])),
+        "torch": lambda: torch.equal(torch.get_rng_state(), saved["torch_manual_seed"]),
+    }
+    if torch.cuda.is_available():
+        checks["CUDA"] = lambda: all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(),
+                                                                      saved["torch_cuda_manual_seed"]))
+    for name, restored in checks.items():
+        try:
+            ok = restored()
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise TrainingError(f"cannot resume: the {name} RNG state saved in {path} was not restored "
+                                "(accelerate's load_state skips RNG states it cannot load); refusing to continue "
+                                "with a different random stream")
+
+
+def supersede_after(output_dir: Path, step: int) -> None:
+    """Start (or restart) the run's history at `step` (0: a fresh run in a used OUTPUT_DIR).
+
+    What a previous run wrote about later steps belongs to a timeline that is being replaced: checkpoints
+    `step_N` with N > step move to `checkpoints/superseded/` (so `latest` cannot pick them), metrics.jsonl
+    records of later steps (and a line cut short by a kill) move to `metrics.superseded.jsonl`. Nothing is
+    deleted except unfinished saves (`.tmp_*`). metrics.jsonl then holds each step at most once, in order.
+    """
+    root = output_dir / "checkpoints"
+    if root.is_dir():
+        for tmp in root.glob(".tmp_*"):
+            logger.warning("removing %s, an unfinished checkpoint save", tmp)
+            shutil.rmtree(tmp)
+        later = [p for p in checkpoint_dirs(output_dir) if int(p.name[5:]) > step]
+        for path in later:
+            target, n = root / "superseded" / path.name, 1
+            while target.exists():  # superseded before, by an earlier restart: keep both
+                target, n = root / "superseded" / f"{path.name}.{n}", n + 1
+            target.parent.mkdir(exist_ok=True)
+            os.replace(path, target)
+            logger.warning("moved %s to %s: training restarts at step %d", path, target, step)
+    metrics = output_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return
+    kept, superseded = [], []
+    for line in metrics.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and record.get("step", 0) <= step
+        except json.JSONDecodeError:
+            record, keep = {"unreadable_line": line}, False
+        if keep:
+            kept.append(line)
+        else:
+            superseded.append(json.dumps({**record, "superseded_at_restart_from_step": step}))
+    if superseded:
+        with (output_dir / "metrics.superseded.jsonl").open("a") as f:
+            f.write("".join(line + "\n" for line in superseded))
+        tmp = output_dir / "metrics.jsonl.tmp"
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, metrics)
+        logger.warning("moved %d metrics.jsonl records after step %d to metrics.superseded.jsonl",
+                       len(superseded), step)
+
+
+# ------------------------------------------------------------------------------------------ monitoring
+
+
+def loss_is_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (all of them must take the same branch)."""
+    finite = torch.isfinite(loss.detach()).reshape(1)
+    return bool(accelerator.gather(finite).all())
+
+
+class CollapseMonitor:
+    """Logs a warning when the logged `embedding_std` falls below `fraction / sqrt(dim)` (and when it recovers).
+
+    The std over a batch of L2-normalised d-dim embeddings is about 1/sqrt(d) when they are spread out and 0
+    when every image gets the same embedding (collapse). DINO also logs `teacher_entropy` (collapse: 0 or ln K).
+    """
+
+    def __init__(self, fraction: float | None, dim: int):
+        self.threshold = None if fraction is None else fraction / math.sqrt(dim)
+        self.fraction, self.dim = fraction, dim
+        self.collapsed = False
+
+    def check(self, record: dict) -> bool:
+        """Whether `record` shows a collapse; warns on the way down, logs on the way back up."""
+        std = record.get("embedding_std")
+        if self.threshold is None or std is None:
+            return False
+        collapsed = std < self.threshold
+        if collapsed and not self.collapsed:
+            extra = f", teacher_entropy {record['teacher_entropy']:.4g}" if "teacher_entropy" in record else ""
+            logger.warning("representation collapse at step %d: embedding_std %.4g < collapse_std_fraction %g / "
+                           "sqrt(%d) = %.4g%s", record["step"], std, self.fraction, self.dim, self.threshold, extra)
+        elif self.collapsed and not collapsed:
+            logger.warning("embedding_std recovered at step %d: %.4g >= %.4g", record["step"], std, self.threshold)
+        self.collapsed = collapsed
+        return collapsed
+
+
+class BadImageLog:
+    """OUTPUT_DIR/bad_images.txt: one `row/file<TAB>reason` line per bad image, each listed once, written as
+    they are found (a killed run keeps its list; a resumed run adds to it, a fresh run starts it anew)."""
+
+    def __init__(self, path: Path, is_main_process: bool, resumed: bool):
+        self.path, self.write = path, is_main_process
+        self.seen: set[str] = set()
+        if is_main_process and path.is_file():
+            if resumed:
+                self.seen.update(line for line in path.read_text().splitlines() if line)
+            else:
+                path.unlink()
+
+    @property
+    def count(self) -> int:
+        return len(self.seen)
+
+    def add(self, entries: list[str]) -> None:
+        new = [e for e in dict.fromkeys(entries) if e not in self.seen]
+        if not new:
+            return
+        self.seen.update(new)
+        if self.write:
+            with self.path.open("a") as f:
+                f.write("".join(e + "\n" for e in new))
+
+
+def check_eval_data(recipe: PretrainingRecipe, train_dataset) -> None:
+    """Before any training: the kNN evaluation (at the end, or online) needs labels in both splits."""
+    if not ((recipe.do_eval and recipe.eval_split) or recipe.eval_steps):
+        return
+    eval_dataset, _ = load_image_dataset(recipe.dataset_name, recipe.eval_split, dataset_config=recipe.dataset_config,
+                                         image_column=recipe.image_column)
+    for split, dataset in ((recipe.train_split, train_dataset), (recipe.eval_split, eval_dataset)):
+        try:
+            label_column_of(dataset, recipe.label_column)
+        except DataError as err:
+            raise DataError(f"the kNN evaluation (do_eval / eval_steps) needs labels in split {split!r}: {err} "
+                            "Set label_column, or do_eval: false and eval_steps: null.") from None
 
 
 # -------------------------------------------------------------------------------------------- the loop
@@ -211,12 +420,17 @@ def train(recipe: PretrainingRecipe) -> dict:
     set_seed(recipe.seed)
     method = METHODS.get(recipe.method)
     model = build_model(recipe)
-    views = build_views(method.views, recipe.image_mean, recipe.image_std, **recipe.augmentation)
+    try:
+        views = build_views(method.views, recipe.image_mean, recipe.image_std, **recipe.augmentation)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"augmentation: {err}") from None
     views.to(accelerator.device)
+    embedding_dim = model.embedding_std_dim()
 
     dataset, image_column = load_image_dataset(recipe.dataset_name, recipe.train_split,
                                                dataset_config=recipe.dataset_config,
                                                image_column=recipe.image_column, streaming=recipe.streaming)
+    check_eval_data(recipe, dataset)
     decoder = ImageDecoder(image_column, size=recipe.image_size, on_bad_image=recipe.on_bad_image)
     loader = build_dataloader(dataset, decoder, recipe.per_device_train_batch_size, shuffle=True,
                               seed=recipe.seed, num_workers=recipe.dataloader_num_workers)
@@ -234,12 +448,17 @@ def train(recipe: PretrainingRecipe) -> dict:
     step = 0
     if recipe.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(output_dir, recipe.resume_from_checkpoint)
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, checkpoint)
         step = int(checkpoint.name[5:])
         accelerator.print(f"Resumed from {checkpoint} at step {step}")
+        if step % recipe.logging_steps and step < total_steps:
+            logger.warning("resumed at step %d, not a multiple of logging_steps=%d: the next record averages the "
+                           "steps since the resume only", step, recipe.logging_steps)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        supersede_after(output_dir, step)
         save_recipe(recipe, output_dir / "config.yaml")
+    accelerator.wait_for_everyone()
     if recipe.with_tracking:
         accelerator.init_trackers("hf-ssl", config={k: str(v) for k, v in recipe.to_dict().items()})
         if not accelerator.trackers:
@@ -259,7 +478,9 @@ def train(recipe: PretrainingRecipe) -> dict:
                                temperature=recipe.knn_temperature, batch_size=recipe.eval_batch_size,
                                num_workers=recipe.dataloader_num_workers, seed=recipe.seed)
     last_checkpoint = next(reversed(checkpoint_dirs(output_dir)), None)
-    bad_images: list[str] = []
+    bad_images = BadImageLog(output_dir / "bad_images.txt", accelerator.is_main_process, resumed=step > 0)
+    collapse = CollapseMonitor(recipe.collapse_std_fraction, embedding_dim)
+    skipped_in_a_row, skipped_in_window = 0, 0
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="pretraining")
     running: dict[str, float] = {}
     n_running, images_seen, t_start = 0, 0, time.perf_counter()
@@ -273,52 +494,90 @@ def train(recipe: PretrainingRecipe) -> dict:
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         micro = 0
         for batch in epoch_loader:
-            bad_images.extend(batch.get("bad_images", []))
+            bad_images.add(batch.get("bad_images", []))
             values = schedule_values(recipe, step, total_steps, steps_per_epoch, global_batch)
             for group in optimizer.param_groups:
                 group["lr"] = values["lr"]
                 group["weight_decay"] = values["weight_decay"] if group["apply_weight_decay"] else 0.0
+            if micro == 0:
+                step_terms: dict[str, float] = {}
+                nonfinite, used = None, 0
+                # nan_policy=skip: a skipped step must leave no trace, also in buffers updated by forward.
+                saved_buffers = ([b.detach().clone() for b in core.buffers()] if recipe.nan_policy == "skip"
+                                 else None)
             with accelerator.accumulate(model):
-                inputs = views(batch["pixel_values"], view_seed(recipe.seed, step, micro, accelerator.process_index))
-                outputs = model(**inputs, **{k: values[k] for k in core.schedule_inputs})
-                loss = outputs.loss
-                if not torch.isfinite(loss):
-                    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint"
-                    raise TrainingError(f"loss is {loss.item()} at step {step} (epoch {epoch}); {where}")
-                accelerator.backward(loss)
+                if batch["pixel_values"].shape[0] == 0:  # every image of this micro-batch was a bad image
+                    if accelerator.num_processes > 1:
+                        raise TrainingError(f"every image of a micro-batch at step {step} was a bad image (see "
+                                            f"{output_dir / 'bad_images.txt'}); with several processes this "
+                                            "cannot be skipped: raise per_device_train_batch_size or clean the data")
+                else:
+                    used += 1
+                    inputs = views(batch["pixel_values"], view_seed(recipe.seed, step, micro, accelerator.process_index))
+                    outputs = model(**inputs, **{k: values[k] for k in core.schedule_inputs})
+                    loss = outputs.loss
+                    if not loss_is_finite(accelerator, loss):
+                        nonfinite = loss.item()
+                        stop = recipe.nan_policy == "stop" or skipped_in_a_row >= recipe.nan_max_consecutive_skips
+                        if stop:
+                            where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
+                                     else "no checkpoint was saved")
+                            why = ("" if recipe.nan_policy == "stop" else
+                                   f", after {skipped_in_a_row} skipped steps in a row (nan_max_consecutive_skips)")
+                            raise TrainingError(f"loss is {nonfinite} at step {step + 1} (epoch {epoch}){why}; "
+                                                f"{where}")
+                    accelerator.backward(loss)
+                    for key, value in outputs.items():
+                        if torch.is_tensor(value) and value.numel() == 1:
+                            step_terms[key] = step_terms.get(key, 0.0) + value.detach().float().item() / accum
+                    images_seen += batch["pixel_values"].shape[0]
                 if accelerator.sync_gradients:
-                    core.before_optimizer_step(epoch)
-                    if recipe.max_grad_norm:
-                        accelerator.unscale_gradients(optimizer)
-                        clip_gradients(model.parameters(), recipe.max_grad_norm, recipe.clip_grad_per_parameter)
-                    optimizer.step()
+                    if nonfinite is None and used:
+                        core.before_optimizer_step(epoch)
+                        if recipe.max_grad_norm:
+                            accelerator.unscale_gradients(optimizer)
+                            clip_gradients(model.parameters(), recipe.max_grad_norm, recipe.clip_grad_per_parameter)
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             micro += 1
-            images_seen += batch["pixel_values"].shape[0]
-            for key, value in outputs.items():
-                if torch.is_tensor(value) and value.numel() == 1:
-                    running[key] = running.get(key, 0.0) + value.detach().float().item() / accum
             if not accelerator.sync_gradients:
                 continue
-            core.post_optimizer_step(momentum=values["ema_momentum"])
+            if nonfinite is None and used:
+                core.post_optimizer_step(momentum=values["ema_momentum"])
+                for key, value in step_terms.items():
+                    running[key] = running.get(key, 0.0) + value
+                n_running += 1
+                skipped_in_a_row = 0
+            else:  # skipped: no optimizer step, no EMA; forward's buffer updates (center, BN stats) undone
+                if saved_buffers is not None:
+                    with torch.no_grad():
+                        for buffer, saved in zip(core.buffers(), saved_buffers):
+                            buffer.copy_(saved)
+                skipped_in_a_row += nonfinite is not None
+                why = f"loss {nonfinite}" if nonfinite is not None else "no usable image"
+                logger.warning("step %d skipped (%s); the optimizer did not step", step + 1, why)
+                skipped_in_window += 1
             micro = 0
             step += 1
-            n_running += 1
             progress.update(1)
             if step % recipe.logging_steps == 0 or step == total_steps:
-                reduced = accelerator.reduce(torch.tensor(list(running.values()), device=accelerator.device),
-                                             reduction="mean")
+                reduced = (accelerator.reduce(torch.tensor(list(running.values()), device=accelerator.device),
+                                              reduction="mean").tolist() if running else [])
                 elapsed = time.perf_counter() - t_start
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                          **{k: v / n_running for k, v in zip(running, reduced.tolist())},
-                          **values, "images_per_second": images_seen * accelerator.num_processes / elapsed}
+                          **{k: v / n_running for k, v in zip(running, reduced)},
+                          **values, "images_per_second": images_seen * accelerator.num_processes / elapsed,
+                          "skipped_steps": skipped_in_window}
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
+                    collapse.check(record)
+                if "loss" in record:
+                    progress.set_postfix(loss=f"{record['loss']:.4f}")
                 if recipe.with_tracking:
                     accelerator.log(record, step=step)
                 running, n_running, images_seen, t_start = {}, 0, 0, time.perf_counter()
+                skipped_in_window = 0
             if recipe.eval_steps and step % recipe.eval_steps == 0:
                 if accelerator.is_main_process:  # the publishable encoder, in eval mode; train modes restored
                     knn = online_knn(core.get_encoder(), accelerator.device, accelerator.autocast)
@@ -342,9 +601,8 @@ def train(recipe: PretrainingRecipe) -> dict:
         with metrics_path.open("a") as f:
             f.write(json.dumps({"step": step, "train_runtime_seconds": round(time.perf_counter() - train_start, 1),
                                 "hardware": hardware_description(accelerator)}) + "\n")
-        if bad_images:
-            (output_dir / "bad_images.txt").write_text("\n".join(bad_images) + "\n")
-            logger.warning("skipped %d bad images, listed in %s", len(bad_images), output_dir / "bad_images.txt")
+        if bad_images.count:
+            logger.warning("skipped %d bad images, listed in %s", bad_images.count, bad_images.path)
         core.save_pretrained(output_dir / "pretraining", safe_serialization=True)
         export_encoder(output_dir, output_dir / "encoder")
         if recipe.do_eval and recipe.eval_split:
@@ -365,7 +623,8 @@ def train(recipe: PretrainingRecipe) -> dict:
                 accelerator.log(scores, step=step)
             record_eval_results(output_dir / "encoder", report["records"])
             write_model_card(output_dir / "encoder")
-        plot_run(output_dir, extract=False)  # curves; t-SNE map of the eval features cached by the kNN above
+        # curves; t-SNE map of the eval features cached by the kNN above (none without it: labels may be missing)
+        plot_run(output_dir, extract=False, embedding_map=bool(recipe.do_eval and recipe.eval_split))
     if recipe.with_tracking:
         accelerator.end_training()
     return results

@@ -5,12 +5,15 @@ The training loop only talks to a method model through this interface:
   * `before_optimizer_step(epoch)` may edit gradients (e.g. DINO's frozen last layer in epoch 1);
   * `post_optimizer_step(momentum=...)` does EMA / queue updates, called only after a real optimizer step;
   * `get_encoder()` is the backbone that gets published;
+  * `embedding_std_dim()` is the size of the embeddings behind the output's `embedding_std` (collapse monitor);
   * `set_requires_grad()` freezes what is not trained (called at construction and after `from_pretrained`).
 A model that can serve as a distillation teacher (DisCo) also implements `embed(pixel_values)` (backbone +
 projection head, the embedding its loss compares) and `embedding_dim`.
 """
 import torch
 from transformers import PreTrainedModel
+
+from .backbones import feature_dim
 
 
 class SSLPreTrainedModel(PreTrainedModel):
@@ -36,6 +39,12 @@ class SSLPreTrainedModel(PreTrainedModel):
 
     def get_encoder(self) -> PreTrainedModel:
         raise NotImplementedError
+
+    def embedding_std_dim(self) -> int:
+        """Size d of the embeddings whose spread the output's `embedding_std` reports (about 1/sqrt(d) when they
+        are spread out, 0 when collapsed; the training loop's collapse monitor). Default: the encoder's pooled
+        feature; a method that reports the std of another embedding (e.g. a projection) overrides this."""
+        return feature_dim(self.get_encoder())
 
     @property
     def embedding_dim(self) -> int | None:

@@ -6,7 +6,6 @@ Everything is generated in tmp_path; the Hub is never contacted (offline mode is
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 import struct
 
@@ -27,6 +26,21 @@ from hf_ssl.data import (
     load_image_dataset,
     read_idx,
 )
+from tests.image_corpus import (
+    BAD_IMAGES,
+    GOOD_ODD_IMAGES,
+    cmyk_red_jpeg,
+    decompression_bomb_png,
+    encode,
+    exif_rotated_jpeg,
+    gray16_png,
+    gray_png,
+    one_pixel_png,
+    palette_png,
+    random_rgb,
+    rgba_png,
+    wide_png,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -46,78 +60,6 @@ def hf_cache(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Image files
 # ---------------------------------------------------------------------------------------------
-
-
-def encode(image: PIL.Image.Image, fmt: str, **save_args) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **save_args)
-    return buffer.getvalue()
-
-
-def random_rgb(height: int, width: int, seed: int = 0) -> PIL.Image.Image:
-    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def top_red_bottom_blue(width: int = 40, height: int = 20) -> PIL.Image.Image:
-    image = PIL.Image.new("RGB", (width, height), (255, 0, 0))
-    image.paste((0, 0, 255), (0, height // 2, width, height))
-    return image
-
-
-def exif_rotated_jpeg() -> bytes:
-    """Stored 40x20 top red / bottom blue, EXIF orientation 6: displayed 20x40, blue left, red right."""
-    exif = PIL.Image.Exif()
-    exif[0x0112] = 6
-    return encode(top_red_bottom_blue(), "JPEG", exif=exif.tobytes(), quality=95)
-
-
-def cmyk_red_jpeg() -> bytes:
-    return encode(PIL.Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG", quality=95)
-
-
-def rgba_png() -> bytes:
-    """Left half fully transparent (black underneath), right half half-transparent red."""
-    image = PIL.Image.new("RGBA", (16, 16), (0, 0, 0, 0))
-    image.paste((255, 0, 0, 128), (8, 0, 16, 16))
-    return encode(image, "PNG")
-
-
-def palette_png() -> bytes:
-    """Palette: index 0 opaque red, index 1 green marked transparent; left half uses index 1."""
-    image = PIL.Image.new("P", (16, 16), 0)
-    image.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
-    image.paste(1, (0, 0, 8, 16))
-    return encode(image, "PNG", transparency=1)
-
-
-def gray16_png(value: int = 51000) -> bytes:
-    return encode(PIL.Image.fromarray(np.full((16, 16), value, dtype=np.uint16)), "PNG")
-
-
-def gray_png(value: int = 77) -> bytes:
-    return encode(PIL.Image.new("L", (16, 16), value), "PNG")
-
-
-def truncated_jpeg() -> bytes:
-    data = encode(random_rgb(64, 64), "JPEG")
-    return data[: len(data) // 2]
-
-
-GOOD_ODD_IMAGES = {
-    "cmyk.jpg": cmyk_red_jpeg,
-    "rgba.png": rgba_png,
-    "palette.png": palette_png,
-    "gray16.png": gray16_png,
-    "gray.png": gray_png,
-    "exif.jpg": exif_rotated_jpeg,
-    "good.png": lambda: encode(random_rgb(24, 36), "PNG"),
-}
-BAD_IMAGES = {  # file name -> (bytes, words expected in the reason)
-    "truncated.jpg": (truncated_jpeg, "truncated"),
-    "empty.jpg": (lambda: b"", "0 bytes"),
-    "notimage.png": (lambda: b"this is plain text, not a PNG", "format"),
-    "tiny.png": (lambda: encode(PIL.Image.new("RGB", (1, 1)), "PNG"), "too small"),
-}
 
 
 def write_imagefolder(root, files: dict[str, bytes]):
@@ -423,6 +365,12 @@ def test_odd_modes_decode_to_the_right_rgb_values():
     assert np.abs(upright[4, 0].astype(int) - [0, 0, 255]).max() <= 10
     assert np.abs(upright[4, 7].astype(int) - [255, 0, 0]).max() <= 10
 
+    one_pixel = decode_one(one_pixel_png())  # 1x1 is valid: upscaled to size x size
+    assert one_pixel.shape == (8, 8, 3) and (one_pixel == [0, 200, 0]).all()
+
+    wide = decode_one(wide_png())  # 10000x10: the center square (inside the blue band), not a squashed image
+    assert wide.shape == (8, 8, 3) and (wide == [0, 0, 255]).all()
+
 
 def test_resize_shorter_side_then_center_crop():
     image = PIL.Image.new("RGB", (30, 10), (0, 0, 0))
@@ -486,10 +434,26 @@ def test_huge_images_and_decompression_bombs_are_bad_images(monkeypatch):
     assert too_large["pixel_values"].shape[0] == 0
     assert "too large" in too_large["bad_images"][0]
 
+    # A real bomb (12 kB, 1e8 pixels): refused from its header, before 300 MB are decoded.
+    bomb_row = {"image": {"bytes": decompression_bomb_png(), "path": None}, "__index__": 3}
+    assert len(bomb_row["image"]["bytes"]) < 50_000
+    refused = ImageDecoder("image", 8, on_bad_image="skip")([bomb_row, picture])
+    assert refused["pixel_values"].shape == (1, 3, 8, 8)
+    assert refused["bad_images"][0].startswith("row 3\t") and "decompression bomb" in refused["bad_images"][0]
+    with pytest.raises(DataError, match=r"row 3\b.*10000x10000 px.*decompression bomb"):
+        ImageDecoder("image", 8, on_bad_image="error")([bomb_row])
+
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)  # 400 px > 2 x 100: PIL calls it a bomb
     bomb = ImageDecoder("image", 8, on_bad_image="skip")([picture])
     assert bomb["pixel_values"].shape == (0, 3, 8, 8)
     assert "decompression bomb" in bomb["bad_images"][0]
+
+
+def test_min_size_makes_tiny_images_bad_when_asked():
+    row = {"image": {"bytes": one_pixel_png(), "path": None}, "__index__": 5}
+    assert ImageDecoder("image", 8)([row])["pixel_values"].shape == (1, 3, 8, 8)  # default: 1x1 is valid
+    with pytest.raises(DataError, match=r"row 5\b.*too small \(1x1 px, minimum 2 px a side\)"):
+        ImageDecoder("image", 8, min_size=2)([row])
 
 
 def test_missing_columns_are_configuration_errors_even_when_skipping():

@@ -4,6 +4,7 @@ import math
 import pytest
 
 from hf_ssl import schedules
+from hf_ssl.augment import build_views
 from hf_ssl.recipe import RecipeError, load_recipe, parse_overrides
 from hf_ssl.train import build_model, schedule_values
 
@@ -46,10 +47,77 @@ def test_wrong_type_and_range_are_refused(repo_root):
         load_recipe(repo_root / RECIPE, ["--optimizer", "adam"])
 
 
+@pytest.mark.parametrize("override, message", [
+    (["--learning_rate", "-0.1"], "learning_rate must be > 0, got -0.1"),
+    (["--learning_rate", "0"], "learning_rate must be > 0, got 0"),
+    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be > 0, got 0"),
+    (["--gradient_accumulation_steps", "-1"], "gradient_accumulation_steps must be > 0"),
+    (["--image_size", "0"], "image_size must be > 0"),
+    (["--min_learning_rate", "-1e-6"], "min_learning_rate must be >= 0, got -1e-06"),
+    (["--warmup_epochs", "-1"], "warmup_epochs must be >= 0"),
+    (["--weight_decay", "-0.04"], "weight_decay must be >= 0"),
+    (["--dataloader_num_workers", "-1"], "dataloader_num_workers must be >= 0"),
+    (["--teacher_temperature", "0"], "teacher_temperature must be > 0"),
+    (["--adam_beta2", "1.0"], r"adam_beta2 must be in \[0, 1\), got 1.0"),
+    (["--sgd_momentum", "-0.5"], r"sgd_momentum must be in \[0, 1\)"),
+    (["--ema_momentum", "1.5"], r"ema_momentum must be in \[0, 1\], got 1.5"),
+    (["--max_grad_norm", "0"], "max_grad_norm must be > 0 or null"),
+    (["--save_total_limit", "0"], "save_total_limit must be > 0 or null"),
+    (["--checkpointing_steps", "0"], "checkpointing_steps must be > 0 or null"),
+    (["--num_train_epochs", "0"], "set num_train_epochs > 0 or max_steps > 0"),
+    (["--image_std", "[0.5, 0.0, 0.5]"], r"image_std values must be > 0"),
+    (["--image_mean", "[0.5, 0.5]", "--image_std", "[0.5, 0.5]"], "image_mean needs one value per RGB channel"),
+    (["--on_bad_image", "ignore"], r"on_bad_image='ignore' is not one of \['skip', 'error'\]"),
+    (["--nan_policy", "ignore"], r"nan_policy='ignore' is not one of \['stop', 'skip'\]"),
+    (["--nan_max_consecutive_skips", "0"], "nan_max_consecutive_skips must be > 0"),
+    (["--collapse_std_fraction", "-0.1"], "collapse_std_fraction must be > 0 or null"),
+    (["--mixed_precision", "fp8"], r"mixed_precision='fp8' is not one of"),
+    (["--learning_rate", "fast"], "learning_rate='fast' has the wrong type: expected float"),
+    (["--per_device_train_batch_size", "8.5"], "per_device_train_batch_size=8.5 has the wrong type: expected int"),
+    (["--streaming", "maybe"], "streaming='maybe' has the wrong type: expected bool"),
+    (["--eval_steps", "10", "--eval_split", "null"], "eval_steps .* needs an eval_split"),
+])
+def test_every_out_of_range_or_mistyped_value_is_refused_naming_the_key(repo_root, override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(repo_root / RECIPE, override)
+
+
+def test_scientific_notation_is_a_float_on_the_command_line_and_in_yaml(repo_root, tmp_path):
+    assert load_recipe(repo_root / RECIPE, ["--learning_rate", "1e-4"]).learning_rate == 1e-4  # PyYAML: a str
+    path = tmp_path / "r.yaml"
+    path.write_text((repo_root / RECIPE).read_text().replace("learning_rate: 0.0005", "learning_rate: 5e-4"))
+    assert load_recipe(path).learning_rate == 5e-4
+
+
+@pytest.mark.parametrize("augmentation, message", [
+    ({"local_crop_scale": [0.0, 0.4]}, r"local_crop_scale must satisfy 0 < min <= max <= 1 .*got \[0.0, 0.4\]"),
+    ({"global_crop_scale": [0.4, 1.5]}, r"global_crop_scale must satisfy 0 < min <= max <= 1"),
+    ({"global_crop_scale": [0.8, 0.4]}, r"global_crop_scale must satisfy 0 < min <= max <= 1"),
+    ({"global_crop_scale": [0.4]}, r"global_crop_scale must be \[min, max\]"),
+    ({"global_crop_size": 0}, "global_crop_size must be a positive number of pixels, got 0"),
+    ({"num_local_crops": -2}, "num_local_crops must be an int >= 0, got -2"),
+    ({"color_jitter_p": 1.5}, r"color_jitter_p must be a probability in \[0, 1\], got 1.5"),
+    ({"global_blur_p": [1.0, -0.1]}, r"global_blur_p must be a probability in \[0, 1\]"),
+    ({"local_crop_scal": [0.1, 0.4]}, r"\['local_crop_scal'\].*did you mean 'local_crop_scale'"),
+])
+def test_augmentation_values_are_checked(augmentation, message):
+    with pytest.raises(ValueError, match=message):
+        build_views("multicrop", (0.5,) * 3, (0.5,) * 3, **augmentation)
+
+
+def test_cli_reports_a_bad_augmentation_value_as_a_recipe_error_before_any_work(tiny_recipe, tmp_path, capsys):
+    from hf_ssl.cli import main
+
+    assert main(["train", str(tiny_recipe), "--augmentation.local_crop_scale", "[0, 0.4]"]) == 2
+    err = capsys.readouterr().err
+    assert "hf-ssl train: error: augmentation: local_crop_scale must satisfy 0 < min <= max <= 1" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
 def test_unknown_method_backbone_and_model_keys(repo_root):
     with pytest.raises(RecipeError, match="unknown method 'dinov9'; valid methods: dino"):
         build_model(load_recipe(repo_root / RECIPE, ["--method", "dinov9"]))
-    with pytest.raises(RecipeError, match="resnet-tiny"):
+    with pytest.raises(RecipeError, match=r"Unknown backbone 'resnet-7'; valid presets: .*resnet-18, .*resnet-tiny"):
         build_model(load_recipe(repo_root / RECIPE, ["--backbone", "resnet-7"]))
     with pytest.raises(RecipeError, match=r"'student_temp'.*did you mean 'student_temperature'"):
         build_model(load_recipe(repo_root / RECIPE, ["--model.student_temp", "0.2"]))

@@ -79,6 +79,10 @@ class MocoForPreTraining(SSLPreTrainedModel):
     def embedding_dim(self) -> int:
         return self.config.projector_config.out_dim
 
+    def embedding_std_dim(self) -> int:
+        """`embedding_std` is measured on the query projections."""
+        return self.config.projector_config.out_dim
+
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The query encoder's projection embedding (backbone + projector, before v3's predictor)."""
         return self.query_projector(pooled_features(self.query_backbone, pixel_values))
