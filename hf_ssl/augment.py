@@ -59,19 +59,68 @@ def byol_crop_pipeline(size: int, scale: tuple[float, float], blur_p: float, sol
     return nn.Sequential(*stages)
 
 
+# kornia parameters that are one value for the whole call, not one per sample (ColorJitter's order of operations).
+_SHARED_PARAMS = ("order",)
+
+
+def slice_parameters(params: dict[str, torch.Tensor], total: int, start: int, stop: int,
+                     local_shape: torch.Size) -> dict[str, torch.Tensor]:
+    """The kornia parameters of rows `start:stop` out of parameters drawn for a batch of `total` rows."""
+    sliced = {}
+    for key, value in params.items():
+        if key == "forward_input_shape":
+            sliced[key] = torch.tensor(tuple(local_shape), dtype=value.dtype, device=value.device)
+        elif key in _SHARED_PARAMS:
+            sliced[key] = value
+        elif torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == total:
+            sliced[key] = value[start:stop]
+        else:
+            raise ValueError(f"cannot take rows {start}:{stop} of the kornia parameter {key!r} (shape "
+                             f"{tuple(getattr(value, 'shape', ()))}) drawn for a batch of {total}")
+    return sliced
+
+
 class SeededViews(nn.Module):
     """A view recipe whose every random draw comes from `seed`: `forward(images, seed)` scales the uint8 batch to
-    [0, 1] and calls `make_views` inside a forked RNG seeded with `seed` (the global RNG is left untouched)."""
+    [0, 1] and calls `make_views` inside a forked RNG seeded with `seed` (the global RNG is left untouched).
+
+    Global-batch augmentation: `forward(images, seed, offset=o, total=n)` treats `images` as rows `o:o+len(images)`
+    of a global batch of `n` images (spread over processes). Every augmentation's random parameters are drawn for
+    all `n` rows, in the same order as for one process holding the whole batch, and only this process's rows are
+    applied. So the views of an image depend on (seed, its row in the global batch), never on the number of
+    processes: W processes produce exactly the rows of the one-process views.
+    """
+
+    _rows: tuple[int, int, int] | None = None  # (offset, stop, total) during a sliced forward
 
     def make_views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def augment(self, pipeline: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """Run the kornia `pipeline` on `x`, drawing each stage's parameters for the global batch."""
+        if self._rows is None:
+            return pipeline(x)
+        start, stop, total = self._rows
+        for stage in pipeline:
+            params = stage.forward_parameters(torch.Size((total, *x.shape[1:])))
+            x = stage(x, params=slice_parameters(params, total, start, stop, x.shape))
+        return x
+
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, seed: int, offset: int = 0, total: int | None = None
+                ) -> dict[str, torch.Tensor]:
+        total = images.shape[0] if total is None else total
+        if not 0 <= offset <= offset + images.shape[0] <= total:
+            raise ValueError(f"rows {offset}:{offset + images.shape[0]} are not inside a global batch of {total}")
         devices = [images.device] if images.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=images.device.type):
             torch.manual_seed(seed)
-            return self.make_views(images.float().div_(255))
+            self._rows = None if (offset == 0 and total == images.shape[0]) else (offset, offset + images.shape[0],
+                                                                                    total)
+            try:
+                return self.make_views(images.float().div_(255))
+            finally:
+                self._rows = None
 
 
 class MultiCropViews(SeededViews):
@@ -109,9 +158,9 @@ class MultiCropViews(SeededViews):
             for _ in range(num_local_crops))
 
     def make_views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        views = {"global_crops": torch.cat([crop(x) for crop in self.global_crops])}
+        views = {"global_crops": torch.cat([self.augment(crop, x) for crop in self.global_crops])}
         if len(self.local_crops):
-            views["local_crops"] = torch.cat([crop(x) for crop in self.local_crops])
+            views["local_crops"] = torch.cat([self.augment(crop, x) for crop in self.local_crops])
         return views
 
 
@@ -134,7 +183,7 @@ class TwoViews(SeededViews):
                                    for blur, solarize in zip(blur_p, solarize_p))
 
     def make_views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"view_1": self.views[0](x), "view_2": self.views[1](x)}
+        return {"view_1": self.augment(self.views[0], x), "view_2": self.augment(self.views[1], x)}
 
 
 VIEW_RECIPES: dict[str, type[nn.Module]] = {

@@ -137,10 +137,24 @@ def load_image_dataset(
         if len(dataset) == 0:
             raise DataError(f"Split {split!r} of dataset {name_or_path!r} is empty.")
         if streaming:
-            dataset = dataset.to_iterable_dataset(num_shards=min(len(dataset), _LOCAL_STREAMING_SHARDS))
+            size = len(dataset)
+            dataset = dataset.to_iterable_dataset(num_shards=min(size, _LOCAL_STREAMING_SHARDS))
+            # the size is known here (not to datasets' streamed copy): nominal epochs of a streaming run use it
+            dataset.info.splits = datasets.SplitDict({split: datasets.SplitInfo(name=split, num_examples=size)})
+            dataset._split = datasets.NamedSplit(split)
 
     image_column = _image_column_of(dataset, image_column, name_or_path, split)
     return dataset.cast_column(image_column, datasets.Image(decode=False)), image_column
+
+
+def num_examples(dataset: datasets.Dataset | datasets.IterableDataset) -> int | None:
+    """The number of rows of a dataset, streamed or not; None when a streamed dataset does not declare it."""
+    if isinstance(dataset, datasets.Dataset):
+        return len(dataset)
+    splits, split = dataset.info.splits, dataset.split
+    if splits and split is not None and str(split) in splits:
+        return splits[str(split)].num_examples or None
+    return None
 
 
 def label_column_of(dataset: datasets.Dataset | datasets.IterableDataset, label_column: str | None) -> str:
@@ -733,6 +747,8 @@ def build_dataloader(
     seed: int,
     num_workers: int = 2,
     drop_last: bool = True,
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader that decodes with ``decoder`` on ``num_workers`` worker processes.
 
@@ -742,17 +758,31 @@ def build_dataloader(
     so that bad-image messages can name them.
 
     ``datasets.IterableDataset``: shuffled with ``dataset.shuffle(seed=seed)`` (a buffer, plus shard
-    order) when ``shuffle``; call ``dataset.set_epoch(epoch)`` to reshuffle each epoch. Workers are
-    capped at the number of shards, since extra ones would get no data.
+    order) when ``shuffle``, then split between ``num_processes`` processes with
+    ``datasets.distributed.split_dataset_by_node`` (this process keeps its share, ``process_index``:
+    whole shards when the number of shards divides evenly, else every ``num_processes``-th row);
+    call ``loader.dataset.set_epoch(epoch)`` to reshuffle each epoch (every process reshuffles the
+    same way, so the shares stay disjoint). ``batch_size`` is this process's. Workers are capped at
+    this process's number of shards, since extra ones would get no data.
 
     Workers are persistent when ``num_workers > 0``.
     """
     if isinstance(dataset, datasets.IterableDataset):
+        if shuffle:
+            dataset = dataset.shuffle(seed=seed)
+        if num_processes > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            if dataset.num_shards % num_processes:
+                logger.warning("the streamed dataset has %d shards, not a multiple of %d processes: every process "
+                               "reads all of it and keeps every %d-th row", dataset.num_shards, num_processes,
+                               num_processes)
+            dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
         num_workers = min(num_workers, dataset.num_shards)
     common = dict(batch_size=batch_size, collate_fn=decoder, num_workers=num_workers,
                   persistent_workers=num_workers > 0, drop_last=drop_last, pin_memory=torch.cuda.is_available())
     if isinstance(dataset, datasets.IterableDataset):
-        return torch.utils.data.DataLoader(dataset.shuffle(seed=seed) if shuffle else dataset, **common)
+        return torch.utils.data.DataLoader(dataset, **common)
 
     rows = _IndexedRows(dataset)
     if shuffle:

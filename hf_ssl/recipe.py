@@ -57,7 +57,14 @@ class PretrainingRecipe:
     model: dict = field(default_factory=dict)  # keyword arguments of the method's config class
     augmentation: dict = field(default_factory=dict)  # keyword arguments of the method's view recipe
     # --- optimisation ---
+    # Batch size. per_device_train_batch_size: images per process per forward (micro-)step, as in transformers; the
+    # global batch of one optimizer step is per_device_train_batch_size x processes x gradient_accumulation_steps.
+    # total_train_batch_size (optional): that global batch, fixed by the recipe whatever the number of processes;
+    # per_device_train_batch_size is then derived (total / (processes x accumulation), which must divide) and the
+    # recipe's per_device_train_batch_size is ignored. Either way the global batch of a step is the same images,
+    # with the same augmentations, on any number of processes (README, "Distributed training").
     per_device_train_batch_size: int = 64
+    total_train_batch_size: int | None = None
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 100.0
     max_steps: int = -1  # > 0 overrides num_train_epochs
@@ -78,6 +85,10 @@ class PretrainingRecipe:
     warmup_teacher_temperature: float = 0.04
     teacher_temperature: float = 0.04
     warmup_teacher_temperature_epochs: float = 30.0
+    # BatchNorm statistics over the global batch (SyncBatchNorm) when training on several processes, so that results
+    # do not depend on the number of processes. false: per-process statistics (MoCo v2 then uses shuffle-BN, as in
+    # the paper). No effect on one process or on LayerNorm-only models (ViT).
+    sync_batchnorm: bool = True
     # --- run ---
     seed: int = 42
     mixed_precision: str = "no"  # no | fp16 | bf16
@@ -124,7 +135,8 @@ class PretrainingRecipe:
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise RecipeError(f"{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("max_grad_norm", "lr_scaling_batch_size", "save_total_limit", "collapse_std_fraction"):
+        for key in ("max_grad_norm", "lr_scaling_batch_size", "save_total_limit", "collapse_std_fraction",
+                    "total_train_batch_size"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise RecipeError(f"{key} must be > 0 or null, got {getattr(self, key)}")
         for key in ("adam_beta1", "adam_beta2", "sgd_momentum"):
@@ -132,6 +144,9 @@ class PretrainingRecipe:
                 raise RecipeError(f"{key} must be in [0, 1), got {getattr(self, key)}")
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
             raise RecipeError("set num_train_epochs > 0 or max_steps > 0")
+        if self.streaming and self.max_steps <= 0:
+            raise RecipeError("streaming: set max_steps > 0 (a streamed dataset is read until max_steps optimizer steps; "
+                              "num_train_epochs is not used)")
         if self.checkpointing_steps is not None and self.checkpointing_steps <= 0:
             raise RecipeError(f"checkpointing_steps must be > 0 or null, got {self.checkpointing_steps}")
         for key in ("image_mean", "image_std"):

@@ -3,9 +3,16 @@
     hf-ssl train recipes/dino/fashion-mnist-resnet-tiny.yaml --output_dir runs/dino
 
 Per optimizer step: schedules are evaluated from the step, views are drawn on the device from a seed fixed by
-(seed, step, micro-batch, process), the method model returns `loss`, gradients are clipped, the optimizer steps,
-and only then does the model update its EMA state. Everything a resume needs is either in the accelerate
-checkpoint (weights incl. buffers such as DINO's center, optimizer, RNG) or a pure function of the step.
+(seed, step, micro-batch) for the global batch (each process applies its rows), the method model returns `loss`,
+gradients are clipped, the optimizer steps, and only then does the model update its EMA state. Everything a resume
+needs is either in the accelerate checkpoint (weights incl. buffers such as DINO's center, optimizer, RNG, and for
+streaming the data position) or a pure function of the step.
+
+Process-count independence: the global batch of a micro-step is the same images in the same order on any number of
+processes (map-style data: accelerate's `split_batches=True` on a loader of the global micro-batch; each process
+gets its contiguous slice, in rank order), their views are the same (drawn for the global batch, see
+`augment.SeededViews`), BatchNorm statistics are global (`sync_batchnorm`), and losses that couple samples use the
+global batch (modeling/distributed.py). So W processes x B images per process follow the run of 1 process x W*B.
 """
 import json
 import logging
@@ -16,6 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
@@ -27,10 +35,13 @@ from modeling.backbones import backbone_config_from_preset, build_backbone, feat
 
 from . import schedules
 from .augment import build_views
-from .data import DataError, ImageDecoder, build_dataloader, label_column_of, load_image_dataset
+from .data import DataError, ImageDecoder, build_dataloader, label_column_of, load_image_dataset, num_examples
 from .recipe import PretrainingRecipe, RecipeError, check_keys, init_keys, save_recipe
 
 logger = logging.getLogger(__name__)
+
+
+DATA_STATE_FILE = "data_state.json"
 
 
 class TrainingError(RuntimeError):
@@ -124,9 +135,55 @@ def schedule_values(recipe: PretrainingRecipe, step: int, total_steps: int, step
     }
 
 
-def view_seed(seed: int, step: int, micro_step: int, process_index: int) -> int:
-    """The seed of one micro-batch's augmentations: a pure function, so a resumed run draws the same views."""
-    return (((seed * 1_000_003 + step) * 1_009 + micro_step) * 9_176 + process_index) % (2**63 - 1)
+def view_seed(seed: int, step: int, micro_step: int) -> int:
+    """The seed of one global micro-batch's augmentations: a pure function, so a resumed run draws the same views.
+    It is the same on every process: each draws the augmentation parameters of the whole global batch and applies
+    those of its own rows, so the views do not depend on the number of processes."""
+    return ((seed * 1_000_003 + step) * 1_009 + micro_step) % (2**63 - 1)
+
+
+def per_device_batch_size(recipe: PretrainingRecipe, num_processes: int) -> int:
+    """Images per process per micro-step: the recipe's, or `total_train_batch_size` / (processes x accumulation)."""
+    if recipe.total_train_batch_size is None:
+        return recipe.per_device_train_batch_size
+    share = num_processes * recipe.gradient_accumulation_steps
+    if recipe.total_train_batch_size % share:
+        raise RecipeError(f"total_train_batch_size={recipe.total_train_batch_size} is not divisible by "
+                          f"{num_processes} processes x gradient_accumulation_steps="
+                          f"{recipe.gradient_accumulation_steps}")
+    return recipe.total_train_batch_size // share
+
+
+def convert_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`sync_batchnorm`: every BatchNorm of the model normalises with the statistics of the global batch: torch's
+    SyncBatchNorm on CUDA, modeling.distributed.SyncBatchNorm (all-reduce with gradient, gloo) elsewhere."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    from modeling.distributed import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
+
+
+def synchronized_batches(accelerator: Accelerator, batches, move_to_device: bool):
+    """Yields `(batch, sizes)` while every process has a batch; `sizes` are the batch sizes of all processes, in
+    rank order (they differ only after bad images were skipped). One process running out of data ends the epoch
+    for all of them (a streamed dataset can give the processes slightly different numbers of batches)."""
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        if batch is not None and move_to_device:
+            batch["pixel_values"] = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+        n = -1 if batch is None else batch["pixel_values"].shape[0]
+        if accelerator.num_processes == 1:
+            sizes = [n]
+        else:
+            sizes = accelerator.gather(torch.tensor([n], device=accelerator.device)).tolist()
+        if min(sizes) < 0:
+            if batch is not None:
+                logger.warning("another process ran out of data: this process's remaining batches of the epoch "
+                               "are not used")
+            return
+        yield batch, sizes
 
 
 def clip_gradients(parameters, max_norm: float, per_parameter: bool) -> None:
@@ -164,7 +221,7 @@ def resolve_checkpoint(output_dir: Path, value: str) -> Path:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, save_total_limit: int | None,
-                    model_config) -> Path:
+                    model_config, data_state: dict | None = None) -> Path:
     """accelerate state written to a temporary dir, then renamed: a kill during the save keeps the old ones."""
     root = output_dir / "checkpoints"
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
@@ -177,6 +234,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, save_
     if accelerator.is_main_process:
         # config.json beside accelerate's model.safetensors: the checkpoint loads with from_pretrained / export.
         model_config.save_pretrained(tmp)
+        if data_state is not None:  # streaming: where the data stream is (plain JSON, no pickle)
+            (tmp / DATA_STATE_FILE).write_text(json.dumps(data_state))
         if final.exists():  # renamed away first: a kill at any point leaves a complete step_N or none
             os.replace(final, root / f".tmp_old_step_{step}")
         os.replace(tmp, final)
@@ -415,7 +474,8 @@ def train(recipe: PretrainingRecipe) -> dict:
         mixed_precision=recipe.mixed_precision,
         log_with=recipe.report_to if recipe.with_tracking else None,
         project_dir=str(output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # split_batches: the loader yields the global micro-batch, each process takes its contiguous slice
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, split_batches=True),
     )
     set_seed(recipe.seed)
     method = METHODS.get(recipe.method)
@@ -432,24 +492,53 @@ def train(recipe: PretrainingRecipe) -> dict:
                                                image_column=recipe.image_column, streaming=recipe.streaming)
     check_eval_data(recipe, dataset)
     decoder = ImageDecoder(image_column, size=recipe.image_size, on_bad_image=recipe.on_bad_image)
-    loader = build_dataloader(dataset, decoder, recipe.per_device_train_batch_size, shuffle=True,
-                              seed=recipe.seed, num_workers=recipe.dataloader_num_workers)
+    accum, world = recipe.gradient_accumulation_steps, accelerator.num_processes
+    per_device = per_device_batch_size(recipe, world)
+    global_batch = per_device * world * accum  # images per optimizer step, over all processes
+    streaming = isinstance(dataset, datasets.IterableDataset)
+    if streaming:  # split between the processes by split_dataset_by_node; not handed to accelerate
+        loader = build_dataloader(dataset, decoder, per_device, shuffle=True, seed=recipe.seed,
+                                  num_workers=recipe.dataloader_num_workers, process_index=accelerator.process_index,
+                                  num_processes=world)
+    else:  # the global micro-batch; accelerate (split_batches) gives each process its slice
+        loader = build_dataloader(dataset, decoder, per_device * world, shuffle=True, seed=recipe.seed,
+                                  num_workers=recipe.dataloader_num_workers)
+    if recipe.sync_batchnorm and world > 1:
+        model = convert_batchnorm(model, accelerator.device)
     optimizer = build_optimizer(model, recipe)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if streaming:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     core = accelerator.unwrap_model(model)
 
-    accum = recipe.gradient_accumulation_steps
-    steps_per_epoch = len(loader) // accum
-    if steps_per_epoch == 0:
-        raise RecipeError(f"one epoch has {len(loader)} batches, fewer than gradient_accumulation_steps={accum}")
+    if streaming:
+        # Nominal epochs (schedules in epochs, the logged epoch): the declared size over the global batch.
+        size = num_examples(dataset)
+        if size is None:
+            raise RecipeError(f"streaming: dataset {recipe.dataset_name!r} does not declare the size of split "
+                              f"{recipe.train_split!r}, so epoch-based settings (warmup_epochs, ...) cannot be "
+                              "converted to steps; load it without streaming")
+        steps_per_epoch = size // global_batch
+        if steps_per_epoch == 0:
+            raise RecipeError(f"streaming: {size} images are fewer than one global batch of {global_batch}")
+    else:
+        steps_per_epoch = len(loader) // accum
+        if steps_per_epoch == 0:
+            raise RecipeError(f"one epoch has {len(loader)} batches, fewer than gradient_accumulation_steps={accum}")
     total_steps = recipe.max_steps if recipe.max_steps > 0 else math.ceil(recipe.num_train_epochs * steps_per_epoch)
-    global_batch = recipe.per_device_train_batch_size * accelerator.num_processes * accum
 
     step = 0
+    data_state = {"epoch": 0, "batches": 0}  # streaming: data epoch, micro-batches consumed in it
     if recipe.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(output_dir, recipe.resume_from_checkpoint)
+        if streaming and not (checkpoint / DATA_STATE_FILE).is_file():
+            raise TrainingError(f"cannot resume a streaming run from {checkpoint}: missing {DATA_STATE_FILE} "
+                                "(the position in the data stream)")
         load_checkpoint(accelerator, checkpoint)
         step = int(checkpoint.name[5:])
+        if streaming:
+            data_state = json.loads((checkpoint / DATA_STATE_FILE).read_text())
         accelerator.print(f"Resumed from {checkpoint} at step {step}")
         if step % recipe.logging_steps and step < total_steps:
             logger.warning("resumed at step %d, not a multiple of logging_steps=%d: the next record averages the "
@@ -487,13 +576,27 @@ def train(recipe: PretrainingRecipe) -> dict:
     model.train()
     train_start = time.perf_counter()
 
+    micro = 0
     while step < total_steps:
         epoch = step // steps_per_epoch
-        loader.set_epoch(epoch)
-        skip = (step - epoch * steps_per_epoch) * accum
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        micro = 0
-        for batch in epoch_loader:
+        if streaming:
+            # The stream of this data epoch, past the micro-batches a resumed run already consumed (read again
+            # and dropped: a streamed dataset cannot seek).
+            loader.dataset.set_epoch(data_state["epoch"])
+            epoch_batches = synchronized_batches(accelerator, loader, move_to_device=True)
+            for _ in range(data_state["batches"]):
+                if next(epoch_batches, None) is None:
+                    break
+        else:
+            loader.set_epoch(epoch)
+            skip = (step - epoch * steps_per_epoch) * accum
+            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+            epoch_batches = synchronized_batches(accelerator, epoch_loader, move_to_device=False)
+            micro = 0
+        for batch, sizes in epoch_batches:
+            if streaming:  # nominal epochs, independent of the data epochs
+                epoch = step // steps_per_epoch
+            data_state["batches"] += 1
             bad_images.add(batch.get("bad_images", []))
             values = schedule_values(recipe, step, total_steps, steps_per_epoch, global_batch)
             for group in optimizer.param_groups:
@@ -506,14 +609,15 @@ def train(recipe: PretrainingRecipe) -> dict:
                 saved_buffers = ([b.detach().clone() for b in core.buffers()] if recipe.nan_policy == "skip"
                                  else None)
             with accelerator.accumulate(model):
-                if batch["pixel_values"].shape[0] == 0:  # every image of this micro-batch was a bad image
-                    if accelerator.num_processes > 1:
-                        raise TrainingError(f"every image of a micro-batch at step {step} was a bad image (see "
-                                            f"{output_dir / 'bad_images.txt'}); with several processes this "
-                                            "cannot be skipped: raise per_device_train_batch_size or clean the data")
-                else:
+                if min(sizes) == 0 and world > 1:  # every image of a process's micro-batch was a bad image
+                    raise TrainingError(f"every image of a micro-batch of process {sizes.index(0)} at step {step} was "
+                                        f"a bad image (see {output_dir / 'bad_images.txt'}); with several processes "
+                                        "this cannot be skipped: raise the batch size or clean the data")
+                if batch["pixel_values"].shape[0] > 0:
                     used += 1
-                    inputs = views(batch["pixel_values"], view_seed(recipe.seed, step, micro, accelerator.process_index))
+                    # this process's rows of the views of the global micro-batch
+                    inputs = views(batch["pixel_values"], view_seed(recipe.seed, step, micro),
+                                   offset=sum(sizes[:accelerator.process_index]), total=sum(sizes))
                     outputs = model(**inputs, **{k: values[k] for k in core.schedule_inputs})
                     loss = outputs.loss
                     if not loss_is_finite(accelerator, loss):
@@ -590,9 +694,15 @@ def train(recipe: PretrainingRecipe) -> dict:
                 accelerator.wait_for_everyone()
                 t_start = time.perf_counter()  # throughput excludes the evaluation
             if recipe.checkpointing_steps and step % recipe.checkpointing_steps == 0:
-                last_checkpoint = save_checkpoint(accelerator, output_dir, step, recipe.save_total_limit, core.config)
+                last_checkpoint = save_checkpoint(accelerator, output_dir, step, recipe.save_total_limit, core.config,
+                                                  data_state=data_state if streaming else None)
             if step >= total_steps:
                 break
+        else:  # the data epoch is over (not a break at total_steps)
+            if streaming:
+                if data_state["batches"] == 0:
+                    raise TrainingError("the streamed dataset gave no batch in a whole epoch")
+                data_state = {"epoch": data_state["epoch"] + 1, "batches": 0}
     progress.close()
 
     results: dict = {"step": step}

@@ -100,22 +100,30 @@ def ema_update(target: Iterable[torch.Tensor], online: Iterable[torch.Tensor], m
     torch._foreach_add_(target, online, alpha=1.0 - momentum)
 
 
-def koleo_loss(embeddings: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def koleo_loss(embeddings: torch.Tensor, eps: float = 1e-8, candidates: torch.Tensor | None = None,
+               offset: int = 0) -> torch.Tensor:
     """KoLeo regulariser (Sablayrolles et al., 2019; used by DINOv2): the negative log of each L2-normalised
     embedding's distance to its nearest neighbour in the batch, averaged. Minimising it spreads the embeddings
     over the sphere, against the dimensional collapse of clustering objectives.
 
     Args:
-        embeddings: `[B, D]`, B >= 2 (L2-normalised here).
+        embeddings: `[B, D]` the queries (L2-normalised here).
+        candidates: `[N, D]` the batch the nearest neighbours are searched in (L2-normalised here); default
+            `embeddings`. Under DDP: the global batch gathered with gradient (`all_gather_with_grad`), so that the
+            loss and its gradient are those of one process on the whole batch.
+        offset: the row of `candidates` that is `embeddings[0]` (each query's own row is not its neighbour).
     Returns:
-        -mean_i log(min_{j != i} ||x_i - x_j|| + eps).
+        -mean_i log(min_{j != offset + i} ||x_i - c_j|| + eps).
     """
-    if embeddings.shape[0] < 2:
-        raise ValueError(f"koleo_loss needs at least 2 embeddings, got {embeddings.shape[0]}")
+    candidates = embeddings if candidates is None else candidates
+    if candidates.shape[0] < 2:
+        raise ValueError(f"koleo_loss needs at least 2 embeddings, got {candidates.shape[0]}")
     x = F.normalize(embeddings.float(), dim=1)
+    c = x if candidates is embeddings else F.normalize(candidates.float(), dim=1)
     with torch.no_grad():  # the nearest neighbour is a choice, not a function to differentiate
-        similarity = x @ x.T
-        similarity.fill_diagonal_(-2.0)
+        similarity = x @ c.T
+        rows = torch.arange(x.shape[0], device=x.device)
+        similarity[rows, rows + offset] = -2.0
         nearest = similarity.argmax(dim=1)
-    distance = (x - x[nearest]).norm(dim=1)
+    distance = (x - c[nearest]).norm(dim=1)
     return -torch.log(distance + eps).mean()

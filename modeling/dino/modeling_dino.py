@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
 from ..backbones import build_backbone, pooled_features
-from ..distributed import all_reduce_mean
+from ..distributed import all_gather_with_grad, all_reduce_mean
 from ..heads import DinoHead
 from ..losses import dino_loss, ema_update, koleo_loss
 from ..pretraining import SSLPreTrainedModel
@@ -17,7 +17,8 @@ class DinoPreTrainingOutput(ModelOutput):
     """
     loss: the DINO cross-entropy (+ koleo_weight × koleo).
     dino_loss: the DINO cross-entropy alone.
-    koleo: the KoLeo term on the student's pooled features of the global crops (0 when koleo_weight is 0).
+    koleo: the KoLeo term on the student's pooled features of the global crops, nearest neighbours searched in the
+        global batch of every process (0 when koleo_weight is 0).
     teacher_entropy: mean entropy of the teacher's centred, sharpened distribution (collapse: → 0 or → ln K).
     teacher_center_kl: mean KL(teacher ‖ softmax(center / τt)); near 0 means the teacher only outputs the center.
     embedding_std: std over the batch of the L2-normalised teacher features, averaged over dimensions
@@ -93,7 +94,10 @@ class DinoForPreTraining(SSLPreTrainedModel):
         loss = distillation
         koleo = torch.zeros((), device=distillation.device)
         if self.config.koleo_weight:
-            koleo = sum(koleo_loss(crop) for crop in student_global.split(batch_size)) / n_global
+            # On the global batch: this process's images against every process's (gathered with gradient).
+            koleo = sum(koleo_loss(crop, candidates=gathered, offset=offset)
+                        for crop in student_global.split(batch_size)
+                        for gathered, offset in [all_gather_with_grad(crop)]) / n_global
             loss = distillation + self.config.koleo_weight * koleo
 
         with torch.no_grad():

@@ -6,7 +6,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from ..backbones import build_backbone, pooled_features
-from ..distributed import all_gather, batch_shuffle, batch_unshuffle, rank
+from ..distributed import all_gather, all_gather_with_offset, batch_shuffle, batch_unshuffle, has_sync_batchnorm
 from ..heads import ProjectionHead
 from ..losses import ema_update, info_nce_loss, moco_v3_loss
 from ..pretraining import SSLPreTrainedModel
@@ -89,8 +89,12 @@ class MocoForPreTraining(SSLPreTrainedModel):
 
     @torch.no_grad()
     def keys(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The momentum encoder's L2-normalised embeddings of this process's images (shuffle-BN under DDP)."""
-        shuffled, unshuffle = batch_shuffle(pixel_values)
+        """The momentum encoder's L2-normalised embeddings of this process's images (shuffle-BN under DDP, unless the
+        key encoder has SyncBatchNorm: its statistics already mix every process's images)."""
+        if has_sync_batchnorm(self.key_backbone):
+            shuffled, unshuffle = pixel_values, None
+        else:
+            shuffled, unshuffle = batch_shuffle(pixel_values)
         keys = self.key_projector(pooled_features(self.key_backbone, shuffled))
         return F.normalize(batch_unshuffle(keys, unshuffle), dim=1)
 
@@ -110,9 +114,13 @@ class MocoForPreTraining(SSLPreTrainedModel):
     def _symmetric_loss(self, view_1: torch.Tensor, view_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MoCo v3: (2T · (InfoNCE(q1, k2) + InfoNCE(q2, k1)) with the global batch's keys, the view-1 embeddings)."""
         z_1, z_2 = self.embed(view_1), self.embed(view_2)
-        keys_1, keys_2 = all_gather(self.keys(view_1)), all_gather(self.keys(view_2))
+        # Keys of the global batch (no gradient: the momentum encoder is not trained); this process's positives start
+        # at its row offset. The loss is a mean over this process's queries, so DDP's average over processes is the
+        # one-process loss of the global batch.
+        keys_1, offset = all_gather_with_offset(self.keys(view_1))
+        keys_2, _ = all_gather_with_offset(self.keys(view_2))
         loss = moco_v3_loss(self.predictor(z_1), self.predictor(z_2), keys_1, keys_2, self.config.contrastive_temperature,
-                            label_offset=rank() * view_1.shape[0])
+                            label_offset=offset)
         return loss, z_1
 
     def forward(self, view_1: torch.Tensor, view_2: torch.Tensor, return_dict: bool = True) -> MocoPreTrainingOutput:
