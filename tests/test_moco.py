@@ -347,5 +347,6 @@ def test_cli_lists_moco_and_disco_recipes():
     assert result.returncode == 0, result.stderr
     for recipe in ("recipes/moco/fashion-mnist-resnet-tiny.yaml", "recipes/moco/imagenet-v3-vit-small-16.yaml",
                    "recipes/disco/fashion-mnist-teacher-resnet-18.yaml",
+                   "recipes/disco/fashion-mnist-teacher-resnet-tiny-wide.yaml",
                    "recipes/disco/fashion-mnist-student-resnet-tiny.yaml"):
         assert recipe in result.stdout
