@@ -52,15 +52,17 @@ def test_cli_train_writes_the_output_directory_contract(tiny_recipe, tmp_path):
     assert f"{knn[0]['eval/knn_top1']}" in card
 
 
-def test_resume_gives_the_same_loss_curve(tiny_recipe, tmp_path):
-    full = load_recipe(tiny_recipe, ["--max_steps", "6", "--checkpointing_steps", "3", "--do_eval", "false"])
+def assert_resume_parity(recipe_path: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """6 steps == 3 steps + resume from the step-3 checkpoint + 3 steps: bitwise losses and final weights.
+    Returns (uninterrupted run dir, resumed run dir)."""
+    full = load_recipe(recipe_path, ["--max_steps", "6", "--checkpointing_steps", "3", "--do_eval", "false"])
     train(full)
     uninterrupted = losses(Path(full.output_dir))
     # A second run that stopped after step 3: its directory holds only that checkpoint; it resumes from it.
     resumed_dir = tmp_path / "resumed"
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(Path(full.output_dir) / "checkpoints" / "step_3", resumed_dir / "checkpoints" / "step_3")
-    resumed = load_recipe(tiny_recipe, ["--max_steps", "6", "--checkpointing_steps", "3", "--do_eval", "false",
+    resumed = load_recipe(recipe_path, ["--max_steps", "6", "--checkpointing_steps", "3", "--do_eval", "false",
                                         "--output_dir", str(resumed_dir), "--resume_from_checkpoint", "latest"])
     train(resumed)
     after = losses(resumed_dir)
@@ -72,6 +74,11 @@ def test_resume_gives_the_same_loss_curve(tiny_recipe, tmp_path):
     a = load_file(Path(full.output_dir) / "pretraining" / "model.safetensors")
     b = load_file(resumed_dir / "pretraining" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return Path(full.output_dir), resumed_dir
+
+
+def test_resume_gives_the_same_loss_curve(tiny_recipe, tmp_path):
+    assert_resume_parity(tiny_recipe, tmp_path)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_recipe):
