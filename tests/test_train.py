@@ -81,6 +81,22 @@ def test_resume_gives_the_same_loss_curve(tiny_recipe, tmp_path):
     assert_resume_parity(tiny_recipe, tmp_path)
 
 
+def test_dino_starts_student_and_teacher_from_a_pretrained_backbone(tiny_recipe, tmp_path):
+    from transformers import ResNetConfig, ResNetModel
+
+    from hf_ssl.train import build_model
+
+    torch.manual_seed(5)
+    pretrained = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"))
+    pretrained.save_pretrained(tmp_path / "pretrained")
+    model = build_model(load_recipe(tiny_recipe, ["--backbone_config", "null", "--backbone_name_or_path",
+                                                   str(tmp_path / "pretrained")]))
+    expected = pretrained.state_dict()
+    for backbone in (model.student_backbone, model.teacher_backbone):
+        loaded = backbone.state_dict()
+        assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tiny_recipe):
     result = run_cli("train", tiny_recipe, "--max_steps", "2", "--resume_from_checkpoint", "latest")
     assert result.returncode == 2

@@ -70,6 +70,11 @@ class DinoForPreTraining(SSLPreTrainedModel):
     def get_encoder(self):
         return self.teacher_backbone
 
+    def load_backbone_weights(self, state_dict: dict) -> None:
+        """Start student and teacher backbones from pretrained weights (`backbone_name_or_path`)."""
+        self.student_backbone.load_state_dict(state_dict)
+        self.teacher_backbone.load_state_dict(state_dict)
+
     def _student_features(self, global_crops, local_crops):
         """The student's pooled features of the global crops and of all crops (global first)."""
         global_features = pooled_features(self.student_backbone, global_crops)
