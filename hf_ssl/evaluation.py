@@ -133,7 +133,7 @@ class FrozenEncoder:
         """``[B, D]`` features of normalised ``pixel_values`` ``[B, 3, H, W]``."""
         if self.model is None:
             return pixel_values.flatten(1)
-        return pooled_features(self.model, pixel_values)
+        return pooled_features(self.model, pixel_values.to(self.model.dtype))  # a float64 encoder (dtype: float64)
 
 
 def _sha256(paths: Sequence[Path]) -> str:

@@ -110,7 +110,8 @@ def export_encoder(source: str | Path, output_dir: str | Path, include_pretraini
     image_processor(size, mean, std).save_pretrained(tmp)
 
     reloaded = AutoModel.from_pretrained(tmp).eval()
-    probe = torch.randn(2, encoder.config.num_channels, size, size, generator=torch.Generator().manual_seed(0))
+    probe = torch.randn(2, encoder.config.num_channels, size, size, generator=torch.Generator().manual_seed(0),
+                        dtype=encoder.dtype)
     with torch.no_grad():
         expected = pooled_features(encoder, probe)
         if not torch.allclose(expected, pooled_features(reloaded, probe), atol=1e-5):
@@ -361,7 +362,8 @@ def _training_rows(info: dict) -> list[tuple[str, str]]:
                      f"(scaled by batch/{recipe.get('lr_scaling_batch_size', 256)}), "
                      f"weight decay {recipe.get('weight_decay')}"))
     if recipe.get("mixed_precision"):
-        rows.append(("precision", recipe["mixed_precision"] if recipe["mixed_precision"] != "no" else "fp32"))
+        full = "fp64" if recipe.get("dtype") == "float64" else "fp32"
+        rows.append(("precision", recipe["mixed_precision"] if recipe["mixed_precision"] != "no" else full))
     if training.get("hardware"):
         rows.append(("hardware", training["hardware"]))
     if training.get("train_runtime_seconds") is not None:

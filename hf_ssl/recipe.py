@@ -92,6 +92,9 @@ class PretrainingRecipe:
     # --- run ---
     seed: int = 42
     mixed_precision: str = "no"  # no | fp16 | bf16
+    # The model's weights and computation: float32, or float64 for numerical checks (in float64 a run on W processes
+    # reproduces the one-process run to rounding; in float32 rounding differences grow, see tests/test_distributed.py).
+    dtype: str = "float32"  # float32 | float64
     logging_steps: int = 10
     checkpointing_steps: int | None = None
     save_total_limit: int | None = None
@@ -120,10 +123,13 @@ class PretrainingRecipe:
 
     def __post_init__(self):
         choices = {"optimizer": ("adamw", "sgd"), "mixed_precision": ("no", "fp16", "bf16"),
-                   "on_bad_image": ("skip", "error"), "nan_policy": ("stop", "skip")}
+                   "dtype": ("float32", "float64"), "on_bad_image": ("skip", "error"), "nan_policy": ("stop", "skip")}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise RecipeError(f"{key}={getattr(self, key)!r} is not one of {list(valid)}")
+        if self.dtype == "float64" and self.mixed_precision != "no":
+            raise RecipeError(f"dtype=float64 trains in float64: mixed_precision must be 'no', got "
+                              f"{self.mixed_precision!r}")
         positive = ("image_size", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
                     "eval_batch_size", "knn_k", "learning_rate", "knn_temperature", "teacher_temperature",
                     "warmup_teacher_temperature", "nan_max_consecutive_skips")

@@ -12,7 +12,9 @@ Process-count independence: the global batch of a micro-step is the same images 
 processes (map-style data: accelerate's `split_batches=True` on a loader of the global micro-batch; each process
 gets its contiguous slice, in rank order), their views are the same (drawn for the global batch, see
 `augment.SeededViews`), BatchNorm statistics are global (`sync_batchnorm`), and losses that couple samples use the
-global batch (modeling/distributed.py). So W processes x B images per process follow the run of 1 process x W*B.
+global batch (modeling/distributed.py). So W processes x B images per process follow the run of 1 process x W*B, up to
+rounding: in float32 the other summation orders can flip a ReLU whose input is within rounding of 0, and the runs then
+separate; with `dtype: float64` they agree (tests/test_distributed.py).
 """
 import json
 import logging
@@ -67,7 +69,8 @@ def backbone_config_of(recipe: PretrainingRecipe):
 
 
 def build_model(recipe: PretrainingRecipe):
-    """The method's `XForPreTraining`, with head input sizes matched to the backbone's pooled feature."""
+    """The method's `XForPreTraining`, with head input sizes matched to the backbone's pooled feature, in the
+    recipe's `dtype`."""
     if recipe.method not in METHODS:
         raise RecipeError(f"unknown method {recipe.method!r}; valid methods: {', '.join(METHODS)}")
     method = METHODS[recipe.method]
@@ -96,7 +99,7 @@ def build_model(recipe: PretrainingRecipe):
         raise RecipeError(f"model ({recipe.method}): {err}") from None
     if recipe.backbone_name_or_path:
         model.load_backbone_weights(probe.state_dict())
-    return model
+    return model.to(getattr(torch, recipe.dtype))
 
 
 def parameter_groups(model: torch.nn.Module) -> list[dict]:
@@ -480,6 +483,7 @@ def train(recipe: PretrainingRecipe) -> dict:
     set_seed(recipe.seed)
     method = METHODS.get(recipe.method)
     model = build_model(recipe)
+    dtype = getattr(torch, recipe.dtype)
     try:
         views = build_views(method.views, recipe.image_mean, recipe.image_std, **recipe.augmentation)
     except (ValueError, TypeError) as err:
@@ -618,6 +622,7 @@ def train(recipe: PretrainingRecipe) -> dict:
                     # this process's rows of the views of the global micro-batch
                     inputs = views(batch["pixel_values"], view_seed(recipe.seed, step, micro),
                                    offset=sum(sizes[:accelerator.process_index]), total=sum(sizes))
+                    inputs = {name: view.to(dtype) for name, view in inputs.items()}  # float32 views -> dtype
                     outputs = model(**inputs, **{k: values[k] for k in core.schedule_inputs})
                     loss = outputs.loss
                     if not loss_is_finite(accelerator, loss):

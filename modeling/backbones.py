@@ -79,7 +79,7 @@ def feature_dim(backbone: PreTrainedModel) -> int:
     backbone.eval()
     with torch.no_grad():
         size = max(32, 2 * getattr(config, "patch_size", 1))
-        blank = torch.zeros(1, getattr(config, "num_channels", 3), size, size)
+        blank = torch.zeros(1, getattr(config, "num_channels", 3), size, size, dtype=backbone.dtype)
         dim = pooled_features(backbone, blank).shape[-1]
     backbone.train(was_training)
     return dim

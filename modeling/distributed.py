@@ -162,7 +162,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     In training mode with a process group, the per-channel count, sum and sum of squared deviations are all-reduced
     with gradient (`all_reduce_sum_with_grad`), so the output and its gradient equal those of BatchNorm over the
-    concatenated batch. Without a process group, or in eval mode, it is plain BatchNorm (same arithmetic, same
+    concatenated batch. Half-precision inputs are normalised in float32, float32 and float64 in their own precision
+    (as BatchNorm does). Without a process group, or in eval mode, it is plain BatchNorm (same arithmetic, same
     state dict). On CUDA the training loop uses torch's fused `nn.SyncBatchNorm` instead.
     """
 
@@ -175,8 +176,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(input)
         self._check_input_dim(input)
         dims = [0] + list(range(2, input.dim()))
-        x = input.float()
-        count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
+        x = input.to(torch.promote_types(input.dtype, torch.float32))  # half precision in float32; float64 stays
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         total = all_reduce_sum_with_grad(torch.cat([count, x.sum(dims)]))
         n, mean = total[0], total[1:] / total[0]
         shape = [1, -1] + [1] * (input.dim() - 2)

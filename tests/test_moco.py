@@ -14,7 +14,7 @@ from hf_ssl.recipe import RecipeError, load_recipe
 from hf_ssl.train import build_model, train
 from modeling import MocoConfig, MocoForPreTraining
 from modeling.distributed import all_gather, batch_shuffle, batch_unshuffle
-from modeling.losses import in_batch_info_nce_loss, info_nce_loss, moco_v3_loss, normalized_mse_loss
+from modeling.losses import in_batch_info_nce_loss, info_nce_loss, koleo_loss, moco_v3_loss, normalized_mse_loss
 
 from .test_train import assert_resume_parity, losses, run_cli
 
@@ -119,6 +119,23 @@ def test_symmetric_v3_loss_matches_independent_computation_with_label_offset():
     assert loss.item() == pytest.approx(reference_v3(q1, q2, k1, k2, 0.7, 3), rel=1e-5)
     one = in_batch_info_nce_loss(q1, k2, 0.7, label_offset=3)
     assert loss.item() != pytest.approx(2 * 0.7 * 2 * one.item())  # both directions count, not one twice
+
+
+def test_losses_keep_float64_and_compute_half_precision_in_float32():
+    """A float64 run (recipe dtype: float64) is float64 through the losses, never rounded to float32 on the way;
+    bfloat16/float16 inputs (mixed precision) are upcast to float32."""
+    g = torch.Generator().manual_seed(5)
+    q1, q2, k1, k2 = torch.randn(4, 6, 6, generator=g, dtype=torch.float64).unbind(0)
+    loss = moco_v3_loss(q1[:3], q2[:3], k1, k2, temperature=0.7, label_offset=3)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(reference_v3(q1[:3], q2[:3], k1, k2, 0.7, 3), rel=1e-12, abs=0)
+    queue = torch.nn.functional.normalize(k2, dim=1)
+    for dtype, expected in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32)):
+        q, k = q1.to(dtype), k1.to(dtype)
+        assert moco_v3_loss(q, q, k, k, 1.0).dtype == expected
+        assert info_nce_loss(q, k, queue, 0.2).dtype == expected
+        assert normalized_mse_loss(q, k).dtype == expected
+        assert koleo_loss(q).dtype == expected
 
 
 def test_normalized_mse_is_two_minus_two_cos_over_dim():

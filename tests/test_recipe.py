@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import torch
 
 from hf_ssl import schedules
 from hf_ssl.augment import build_views
@@ -72,6 +73,8 @@ def test_wrong_type_and_range_are_refused(repo_root):
     (["--nan_max_consecutive_skips", "0"], "nan_max_consecutive_skips must be > 0"),
     (["--collapse_std_fraction", "-0.1"], "collapse_std_fraction must be > 0 or null"),
     (["--mixed_precision", "fp8"], r"mixed_precision='fp8' is not one of"),
+    (["--dtype", "float16"], r"dtype='float16' is not one of \['float32', 'float64'\]"),
+    (["--dtype", "float64", "--mixed_precision", "bf16"], "dtype=float64 trains in float64: mixed_precision must be"),
     (["--learning_rate", "fast"], "learning_rate='fast' has the wrong type: expected float"),
     (["--per_device_train_batch_size", "8.5"], "per_device_train_batch_size=8.5 has the wrong type: expected int"),
     (["--streaming", "maybe"], "streaming='maybe' has the wrong type: expected bool"),
@@ -129,6 +132,12 @@ def test_build_model_matches_head_to_backbone(repo_root):
     model = build_model(load_recipe(repo_root / RECIPE))
     assert model.config.head_config.in_dim == 256  # resnet-tiny's pooled feature
     assert model.config.head_config.out_dim == 4096
+
+
+def test_build_model_in_the_recipe_dtype(repo_root):
+    model = build_model(load_recipe(repo_root / RECIPE, ["--dtype", "float64"]))
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert {b.dtype for b in model.buffers() if b.is_floating_point()} == {torch.float64}  # DINO's center too
 
 
 def test_missing_recipe_file():

@@ -113,7 +113,7 @@ class DinoForPreTraining(SSLPreTrainedModel):
             center_kl = (q * (log_q - log_c)).sum(-1).mean()
             embedding_std = F.normalize(teacher_features.float(), dim=-1).std(0).mean()
             if self.training:
-                batch_center = all_reduce_mean(teacher_logits.float().mean(0, keepdim=True))
+                batch_center = all_reduce_mean(teacher_logits.to(self.center.dtype).mean(0, keepdim=True))
                 m = self.config.center_momentum
                 self.center.mul_(m).add_(batch_center, alpha=1 - m)
 

@@ -105,7 +105,7 @@ class MocoForPreTraining(SSLPreTrainedModel):
         key = self.keys(view_2)
         loss = info_nce_loss(query, key, self.queue, self.config.contrastive_temperature)
         if self.training:
-            self._pending_keys.append(all_gather(key.float()))
+            self._pending_keys.append(all_gather(key.to(self.queue.dtype)))
             # bounded even if no optimizer step ever comes (e.g. forward-only use in training mode)
             while sum(k.shape[0] for k in self._pending_keys[1:]) >= self.config.queue_size:
                 self._pending_keys.pop(0)
