@@ -38,7 +38,9 @@ BACKBONE_PRESETS: dict[str, dict] = {
     "vit-small-8": _vit(384, 12, 6, 8),
     "vit-base-16": _vit(768, 12, 12, 16),
     "vit-base-8": _vit(768, 12, 12, 8),
-    "efficientnet-b0": {"model_type": "efficientnet"},
+    # transformers' EfficientNetConfig defaults to B7 (width 2.0, depth 3.1, 2560-d): B0 is width = depth = 1.0.
+    "efficientnet-b0": {"model_type": "efficientnet", "width_coefficient": 1.0, "depth_coefficient": 1.0,
+                        "hidden_dim": 1280, "image_size": 224, "dropout_rate": 0.2},
     "mobilenet-v2": {"model_type": "mobilenet_v2"},
     "convnext-tiny": {"model_type": "convnext", "depths": [3, 3, 9, 3], "hidden_sizes": [96, 192, 384, 768]},
 }

@@ -11,7 +11,7 @@ from transformers import AutoModel
 from hf_ssl.recipe import RecipeError, load_recipe
 from hf_ssl.train import build_model, build_optimizer, train
 from modeling import DinoConfig, DinoForPreTraining, DiscoConfig, DiscoForPreTraining, MocoConfig, MocoForPreTraining
-from modeling.backbones import build_backbone
+from modeling.backbones import backbone_config_from_preset, build_backbone, pooled_features
 from modeling.disco import TeacherError
 from modeling.heads import DinoHeadConfig
 from modeling.losses import info_nce_loss, normalized_mse_loss
@@ -199,3 +199,13 @@ def test_cli_disco_run_writes_the_contract_without_the_teacher(tmp_path, tiny_da
     assert "MobileNetV3-Large" in card
     with pytest.raises(RecipeError, match="not found"):
         build_model(load_recipe(path, ["--model.teacher_name_or_path", str(tmp_path / "nothing")]))
+
+
+@pytest.mark.parametrize("preset, parameters_millions, feature_dim", [
+    ("efficientnet-b0", 4.0, 1280), ("mobilenet-v2", 2.2, 1280), ("resnet-18", 11.2, 512)])
+def test_student_presets_have_the_papers_sizes(preset, parameters_millions, feature_dim):
+    # transformers' EfficientNetConfig() is B7 (64 M parameters, 2560-d): the preset must set B0's coefficients.
+    backbone = build_backbone(backbone_config_from_preset(preset)).eval()
+    assert sum(p.numel() for p in backbone.parameters()) / 1e6 == pytest.approx(parameters_millions, abs=0.1)
+    with torch.no_grad():
+        assert pooled_features(backbone, torch.zeros(1, 3, 32, 32)).shape == (1, feature_dim)
