@@ -6,6 +6,10 @@ Each argument is `key=python_literal` (see `cfg` below). Images come straight fr
 idx files (resized with torch, not PIL, so figures can differ from `hf-ssl train` by a few tenths); the same
 DinoForPreTraining, multi-crop views and schedules as the training loop; then the weighted kNN (k=20, T=0.07) of
 the teacher backbone on the full splits, and the effective rank of its train features. Prints one JSON line.
+
+Probe-only options (not in the library): `sk=True` replaces DINO's centering of the teacher by DINOv2's
+Sinkhorn-Knopp normalisation (3 iterations, over this batch); `head={...}` passes extra DinoHeadConfig keys
+(e.g. `head='{"norm_last_layer":False}'`).
 """
 import sys, time, json, math, torch, torch.nn.functional as F, numpy as np, gzip
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
@@ -18,7 +22,7 @@ from hf_ssl.evaluation import knn_predict
 torch.set_num_threads(int(__import__("os").environ.get("THREADS", "2")))
 cfg = dict(budget=300, bs=256, lr=5e-4, wd=0.04, wd_end=0.4, m=0.99, tt=0.04, ts=0.1, out_dim=4096, hidden=512, bneck=128,
            gsize=32, gscale=(0.4,1.0), nloc=6, lsize=16, lscale=(0.1,0.4), cj=0.8, gray=0.2, blur=(1.0,0.1), sol=(0.0,0.2), lblur=0.5,
-           img=32, cl=True, warm=0.1, backbone="resnet-tiny", bb={}, seed=0, epochs_est=None, steps=None, extra=True, koleo=0.0)
+           img=32, cl=True, warm=0.1, backbone="resnet-tiny", bb={}, seed=0, epochs_est=None, steps=None, extra=True, koleo=0.0, sk=False, head={})
 for a in sys.argv[1:]:
     k, v = a.split("=", 1); cfg[k] = eval(v)
 def idx(p):
@@ -33,9 +37,22 @@ def prep(x):  # [N,28,28] uint8 -> [N,3,S,S] uint8 (bilinear like PIL approx)
     if cfg["img"] != 28: x = F.interpolate(x, size=(cfg["img"],)*2, mode="bilinear", antialias=True, align_corners=False)
     return x.round().clamp(0,255).to(torch.uint8).expand(-1,3,-1,-1).contiguous()
 Xtr, Xte = prep(xtr), prep(xte)
+if cfg["sk"]:  # probe: DINOv2's Sinkhorn-Knopp teacher targets instead of centering (the center is ignored)
+    import modeling.dino.modeling_dino as _md
+    def _sk_dino_loss(student_logits, teacher_logits, center, ts, tt):
+        @torch.no_grad()
+        def sk(t):
+            q = torch.exp((t - t.max()) / tt).T; q /= q.sum(); K, B = q.shape  # [K, B]; the max shift cancels out
+            for _ in range(3):
+                q /= q.sum(1, keepdim=True); q /= K; q /= q.sum(0, keepdim=True); q /= B
+            return (q * B).T
+        qs = [sk(t) for t in teacher_logits]; ls = [F.log_softmax(s / ts, -1) for s in student_logits]
+        terms = [(-q * l).sum(-1).mean() for i, q in enumerate(qs) for v, l in enumerate(ls) if v != i]
+        return sum(terms) / len(terms)
+    _md.dino_loss = _sk_dino_loss
 bbcfg = {**BACKBONE_PRESETS[cfg["backbone"]], **cfg["bb"]}
 torch.manual_seed(cfg["seed"])
-model = DinoForPreTraining(DinoConfig(backbone_config=bbcfg, head_config=DinoHeadConfig(in_dim=bbcfg["hidden_sizes"][-1] if "hidden_sizes" in bbcfg else bbcfg["hidden_size"], hidden_dim=cfg["hidden"], bottleneck_dim=cfg["bneck"], out_dim=cfg["out_dim"]), student_temperature=cfg["ts"], freeze_last_layer_epochs=0, koleo_weight=cfg['koleo'])).train()
+model = DinoForPreTraining(DinoConfig(backbone_config=bbcfg, head_config=DinoHeadConfig(in_dim=bbcfg["hidden_sizes"][-1] if "hidden_sizes" in bbcfg else bbcfg["hidden_size"], hidden_dim=cfg["hidden"], bottleneck_dim=cfg["bneck"], out_dim=cfg["out_dim"], **cfg["head"]), student_temperature=cfg["ts"], freeze_last_layer_epochs=0, koleo_weight=cfg['koleo'])).train()
 if cfg["cl"]: model = model.to(memory_format=torch.channels_last)
 views = build_views("multicrop", (0.5,)*3, (0.5,)*3, global_crop_size=cfg["gsize"], global_crop_scale=cfg["gscale"], num_local_crops=cfg["nloc"], local_crop_size=cfg["lsize"], local_crop_scale=cfg["lscale"], color_jitter_p=cfg["cj"], grayscale_p=cfg["gray"], global_blur_p=cfg["blur"], global_solarize_p=cfg["sol"], local_blur_p=cfg["lblur"])
 decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]; nodecay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
