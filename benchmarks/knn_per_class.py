@@ -31,18 +31,22 @@ def cached(split: str) -> dict[str, torch.Tensor]:
     return load_file(files[0])
 
 
-def pixels(stem: str) -> torch.Tensor:
+def idx_array(stem: str):
     matches = sorted(args.idx_dir.glob(f"{stem}*"))
     if not matches:
         raise SystemExit(f"no {stem} idx file in {args.idx_dir} (apt-get install dataset-fashion-mnist)")
-    return torch.from_numpy(read_idx(matches[0]).copy()).float().flatten(1) / 127.5 - 1
+    return read_idx(matches[0])
+
+
+def pixels(stem: str) -> torch.Tensor:
+    return torch.from_numpy(idx_array(stem).copy()).float().flatten(1) / 127.5 - 1
 
 
 train, test = cached("train"), cached("test")
 labels_train, labels_test = train["labels"], test["labels"]
 raw_train, raw_test = pixels("train-images-idx3-ubyte"), pixels("t10k-images-idx3-ubyte")
 for stem, labels in (("train-labels-idx1-ubyte", labels_train), ("t10k-labels-idx1-ubyte", labels_test)):
-    idx_labels = torch.from_numpy(read_idx(sorted(args.idx_dir.glob(f"{stem}*"))[0]).astype("int64"))
+    idx_labels = torch.from_numpy(idx_array(stem).astype("int64"))
     if not torch.equal(idx_labels, labels.long()):
         raise SystemExit(f"the cached features are not in the order of {stem} (labels differ)")
 
