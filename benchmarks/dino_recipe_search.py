@@ -39,17 +39,16 @@ def prep(x):  # [N,28,28] uint8 -> [N,3,S,S] uint8 (bilinear like PIL approx)
 Xtr, Xte = prep(xtr), prep(xte)
 if cfg["sk"]:  # probe: DINOv2's Sinkhorn-Knopp teacher targets instead of centering (the center is ignored)
     import modeling.dino.modeling_dino as _md
-    def _sk_dino_loss(student_logits, teacher_logits, center, ts, tt):
-        @torch.no_grad()
-        def sk(t):
-            q = torch.exp((t - t.max()) / tt).T; q /= q.sum(); K, B = q.shape  # [K, B]; the max shift cancels out
-            for _ in range(3):
-                q /= q.sum(1, keepdim=True); q /= K; q /= q.sum(0, keepdim=True); q /= B
-            return (q * B).T
-        qs = [sk(t) for t in teacher_logits]; ls = [F.log_softmax(s / ts, -1) for s in student_logits]
-        terms = [(-q * l).sum(-1).mean() for i, q in enumerate(qs) for v, l in enumerate(ls) if v != i]
-        return sum(terms) / len(terms)
-    _md.dino_loss = _sk_dino_loss
+    @torch.no_grad()
+    def _sinkhorn_knopp(t, tt):
+        q = torch.exp((t - t.max()) / tt).T; q /= q.sum(); K, B = q.shape  # [K, B]; the max shift cancels out
+        for _ in range(3):
+            q /= q.sum(1, keepdim=True); q /= K; q /= q.sum(0, keepdim=True); q /= B
+        return (q * B).T
+    # The library's dino_loss with teacher logits tt·log(q): its softmax((logits - 0) / tt) is then exactly q.
+    _library_dino_loss = _md.dino_loss
+    _md.dino_loss = lambda s, t, center, ts, tt: _library_dino_loss(
+        s, [tt * _sinkhorn_knopp(x, tt).log() for x in t], torch.zeros_like(center), ts, tt)
 bbcfg = {**BACKBONE_PRESETS[cfg["backbone"]], **cfg["bb"]}
 torch.manual_seed(cfg["seed"])
 model = DinoForPreTraining(DinoConfig(backbone_config=bbcfg, head_config=DinoHeadConfig(in_dim=bbcfg["hidden_sizes"][-1] if "hidden_sizes" in bbcfg else bbcfg["hidden_size"], hidden_dim=cfg["hidden"], bottleneck_dim=cfg["bneck"], out_dim=cfg["out_dim"], **cfg["head"]), student_temperature=cfg["ts"], freeze_last_layer_epochs=0, koleo_weight=cfg['koleo'])).train()
