@@ -36,18 +36,35 @@ def check_probability(name: str, value) -> None:
         raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
 
 
+# BYOL's / DINO's colour-jitter strengths: brightness, contrast, saturation, hue.
+COLOR_JITTER_STRENGTH = (0.4, 0.4, 0.2, 0.1)
+
+
+def check_color_jitter_strength(value) -> None:
+    """ValueError unless `value` is [brightness, contrast, saturation, hue], each >= 0 and hue <= 0.5."""
+    if (not isinstance(value, (list, tuple)) or len(value) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
+            or value[3] > 0.5):
+        raise ValueError("color_jitter_strength must be [brightness, contrast, saturation, hue], each >= 0 and hue "
+                         f"<= 0.5, got {value!r}")
+
+
 def byol_crop_pipeline(size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
                        color_jitter_p: float, grayscale_p: float, flip_p: float,
-                       mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Sequential:
+                       mean: tuple[float, ...], std: tuple[float, ...],
+                       color_jitter_strength: tuple[float, float, float, float] = COLOR_JITTER_STRENGTH
+                       ) -> nn.Sequential:
     """The BYOL/DINO augmentation of one crop: random resized crop, flip, colour jitter, grayscale, blur,
-    solarize, normalise. Input float in [0, 1]."""
+    solarize, normalise. Input float in [0, 1]. On grey images (replicated to 3 channels) saturation and hue change
+    nothing: a strength of 0 for them skips kornia's HSV round trip, about 90 % of the jitter's time."""
     check_crop("crop", size, scale)
+    check_color_jitter_strength(color_jitter_strength)
     for name, p in (("blur_p", blur_p), ("solarize_p", solarize_p), ("color_jitter_p", color_jitter_p),
                     ("grayscale_p", grayscale_p), ("flip_p", flip_p)):
         check_probability(name, p)
     stages = [K.RandomResizedCrop((size, size), scale=tuple(scale)), K.RandomHorizontalFlip(p=flip_p)]
     if color_jitter_p > 0:
-        stages.append(K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=color_jitter_p))
+        stages.append(K.ColorJitter(*color_jitter_strength, p=color_jitter_p))
     if grayscale_p > 0:
         stages.append(K.RandomGrayscale(p=grayscale_p))
     if blur_p > 0:
@@ -132,7 +149,8 @@ class MultiCropViews(SeededViews):
                  local_crop_size: int = 96, local_crop_scale: tuple[float, float] = (0.05, 0.4),
                  color_jitter_p: float = 0.8, grayscale_p: float = 0.2, flip_p: float = 0.5,
                  global_blur_p: tuple[float, float] = (1.0, 0.1), global_solarize_p: tuple[float, float] = (0.0, 0.2),
-                 local_blur_p: float = 0.5):
+                 local_blur_p: float = 0.5,
+                 color_jitter_strength: tuple[float, float, float, float] = COLOR_JITTER_STRENGTH):
         super().__init__()
         check_crop("global_crop", global_crop_size, global_crop_scale)
         check_crop("local_crop", local_crop_size, local_crop_scale)
@@ -149,7 +167,8 @@ class MultiCropViews(SeededViews):
         if len(global_blur_p) != len(global_solarize_p):
             raise ValueError("global_blur_p and global_solarize_p need one value per global crop, got "
                              f"{list(global_blur_p)} and {list(global_solarize_p)}")
-        common = dict(color_jitter_p=color_jitter_p, grayscale_p=grayscale_p, flip_p=flip_p, mean=mean, std=std)
+        common = dict(color_jitter_p=color_jitter_p, grayscale_p=grayscale_p, flip_p=flip_p, mean=mean, std=std,
+                      color_jitter_strength=color_jitter_strength)
         self.global_crops = nn.ModuleList(
             byol_crop_pipeline(global_crop_size, global_crop_scale, blur, sol, **common)
             for blur, sol in zip(global_blur_p, global_solarize_p))
@@ -173,12 +192,14 @@ class TwoViews(SeededViews):
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], crop_size: int = 224,
                  crop_scale: tuple[float, float] = (0.08, 1.0), color_jitter_p: float = 0.8, grayscale_p: float = 0.2,
                  flip_p: float = 0.5, blur_p: tuple[float, float] = (1.0, 0.1),
-                 solarize_p: tuple[float, float] = (0.0, 0.2)):
+                 solarize_p: tuple[float, float] = (0.0, 0.2),
+                 color_jitter_strength: tuple[float, float, float, float] = COLOR_JITTER_STRENGTH):
         super().__init__()
         if len(blur_p) != 2 or len(solarize_p) != 2:
             raise ValueError(f"blur_p and solarize_p need one value per view (2), got {list(blur_p)} and "
                              f"{list(solarize_p)}")
-        common = dict(color_jitter_p=color_jitter_p, grayscale_p=grayscale_p, flip_p=flip_p, mean=mean, std=std)
+        common = dict(color_jitter_p=color_jitter_p, grayscale_p=grayscale_p, flip_p=flip_p, mean=mean, std=std,
+                      color_jitter_strength=color_jitter_strength)
         self.views = nn.ModuleList(byol_crop_pipeline(crop_size, crop_scale, blur, solarize, **common)
                                    for blur, solarize in zip(blur_p, solarize_p))
 

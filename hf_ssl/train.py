@@ -99,7 +99,8 @@ def build_model(recipe: PretrainingRecipe):
         raise RecipeError(f"model ({recipe.method}): {err}") from None
     if recipe.backbone_name_or_path:
         model.load_backbone_weights(probe.state_dict())
-    return model.to(getattr(torch, recipe.dtype))
+    model = model.to(getattr(torch, recipe.dtype))
+    return model.to(memory_format=torch.channels_last) if recipe.channels_last else model
 
 
 def parameter_groups(model: torch.nn.Module) -> list[dict]:
@@ -484,6 +485,7 @@ def train(recipe: PretrainingRecipe) -> dict:
     method = METHODS.get(recipe.method)
     model = build_model(recipe)
     dtype = getattr(torch, recipe.dtype)
+    memory_format = torch.channels_last if recipe.channels_last else torch.preserve_format
     try:
         views = build_views(method.views, recipe.image_mean, recipe.image_std, **recipe.augmentation)
     except (ValueError, TypeError) as err:
@@ -622,7 +624,8 @@ def train(recipe: PretrainingRecipe) -> dict:
                     # this process's rows of the views of the global micro-batch
                     inputs = views(batch["pixel_values"], view_seed(recipe.seed, step, micro),
                                    offset=sum(sizes[:accelerator.process_index]), total=sum(sizes))
-                    inputs = {name: view.to(dtype) for name, view in inputs.items()}  # float32 views -> dtype
+                    inputs = {name: view.to(dtype, memory_format=memory_format if view.dim() == 4  # float32 -> dtype
+                                            else torch.preserve_format) for name, view in inputs.items()}
                     outputs = model(**inputs, **{k: values[k] for k in core.schedule_inputs})
                     loss = outputs.loss
                     if not loss_is_finite(accelerator, loss):

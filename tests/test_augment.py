@@ -49,3 +49,24 @@ def test_unknown_augmentation_key_is_named():
         multicrop(local_crops=4)
     with pytest.raises(ValueError, match="Unknown view recipe"):
         build_views("mosaic", (0.5,), (0.5,))
+
+
+@pytest.mark.parametrize("recipe, sizes", [
+    ("multicrop", dict(global_crop_size=32, num_local_crops=1, local_crop_size=16)),
+    ("two_views", dict(crop_size=32)),
+])
+def test_color_jitter_strength_reaches_every_crop(recipe, sizes):
+    import kornia.augmentation as K
+
+    default = build_views(recipe, (0.5,) * 3, (0.5,) * 3, **sizes)
+    grey = build_views(recipe, (0.5,) * 3, (0.5,) * 3, color_jitter_strength=[0.3, 0.2, 0.0, 0.0], **sizes)
+    for views, expected in ((default, (0.4, 0.4, 0.2, 0.1)), (grey, (0.3, 0.2, 0.0, 0.0))):
+        jitters = [m for m in views.modules() if isinstance(m, K.ColorJitter)]
+        assert len(jitters) in (2, 3)  # one per crop
+        for jitter in jitters:
+            assert tuple(float(getattr(jitter, k)) for k in ("brightness", "contrast", "saturation", "hue")) == \
+                pytest.approx(expected)
+    # brightness and contrast keep a grey image grey: its three channels stay equal
+    images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8).expand(-1, 3, -1, -1)
+    for view in grey(images, seed=0).values():
+        assert torch.equal(view[:, 0], view[:, 1]) and torch.equal(view[:, 1], view[:, 2])

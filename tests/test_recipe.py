@@ -101,6 +101,8 @@ def test_scientific_notation_is_a_float_on_the_command_line_and_in_yaml(repo_roo
     ({"num_local_crops": -2}, "num_local_crops must be an int >= 0, got -2"),
     ({"color_jitter_p": 1.5}, r"color_jitter_p must be a probability in \[0, 1\], got 1.5"),
     ({"global_blur_p": [1.0, -0.1]}, r"global_blur_p must be a probability in \[0, 1\]"),
+    ({"color_jitter_strength": [0.4, 0.4]}, r"color_jitter_strength must be \[brightness, contrast, saturation, hue\]"),
+    ({"color_jitter_strength": [0.4, 0.4, 0.2, 0.9]}, r"hue <= 0.5, got \[0.4, 0.4, 0.2, 0.9\]"),
     ({"local_crop_scal": [0.1, 0.4]}, r"\['local_crop_scal'\].*did you mean 'local_crop_scale'"),
 ])
 def test_augmentation_values_are_checked(augmentation, message):

@@ -81,6 +81,30 @@ def test_resume_gives_the_same_loss_curve(tiny_recipe, tmp_path):
     assert_resume_parity(tiny_recipe, tmp_path)
 
 
+def test_channels_last_changes_only_the_memory_layout(tiny_recipe, tmp_path):
+    """`channels_last: true` trains the same model (float64: the losses agree to rounding), saves weights that reload
+    as ordinary tensors equal to the default run's to rounding, and resumes exactly."""
+    runs = {}
+    for layout in ("false", "true"):
+        recipe = load_recipe(tiny_recipe, ["--max_steps", "3", "--do_eval", "false", "--dtype", "float64",
+                                           "--channels_last", layout, "--output_dir", str(tmp_path / layout)])
+        train(recipe)
+        runs[layout] = losses(tmp_path / layout)
+    assert sorted(runs["true"]) == sorted(runs["false"]) == [1, 2, 3]
+    for step, loss in runs["false"].items():
+        assert runs["true"][step] == pytest.approx(loss, rel=1e-10), step
+    from transformers import AutoModel
+
+    default, nhwc = (AutoModel.from_pretrained(tmp_path / layout / "encoder") for layout in ("false", "true"))
+    expected = default.state_dict()
+    for name, weight in nhwc.state_dict().items():
+        assert torch.allclose(weight, expected[name], rtol=1e-9, atol=1e-12), name
+
+    with_layout = tmp_path / "recipe_channels_last.yaml"
+    with_layout.write_text(tiny_recipe.read_text() + "channels_last: true\n")
+    assert_resume_parity(with_layout, tmp_path / "resume")
+
+
 def test_dino_starts_student_and_teacher_from_a_pretrained_backbone(tiny_recipe, tmp_path):
     from transformers import ResNetConfig, ResNetModel
 
