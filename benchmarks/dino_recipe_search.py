@@ -1,4 +1,4 @@
-"""DINO recipe search on Fashion-MNIST, in memory (the recipe sweeps quoted in README.md came from this script).
+"""DINO recipe search on Fashion-MNIST, in memory (the probes quoted in benchmarks/README.md came from this script).
 
     python benchmarks/dino_recipe_search.py steps=700 bs=64 lr=4e-3 out_dim=1024 nloc=2 cl=False extra=False koleo=0.05
 
@@ -7,7 +7,8 @@ idx files (resized with torch, not PIL, so figures can differ from `hf-ssl train
 DinoForPreTraining, multi-crop views and schedules as the training loop; then the weighted kNN (k=20, T=0.07) of
 the teacher backbone on the full splits, and the effective rank of its train features. Prints one JSON line.
 
-Probe-only options (not in the library): `sk=True` replaces DINO's centering of the teacher by DINOv2's
+`cjs=(b,c,s,h)` sets `color_jitter_strength`. Probe-only options (not in the library): `ratio=(lo,hi)` sets the
+random-resized-crop aspect ratios; `sk=True` replaces DINO's centering of the teacher by DINOv2's
 Sinkhorn-Knopp normalisation (3 iterations, over this batch); `head={...}` passes extra DinoHeadConfig keys
 (e.g. `head='{"norm_last_layer":False}'`).
 """
@@ -22,7 +23,7 @@ from hf_ssl.evaluation import knn_predict
 torch.set_num_threads(int(__import__("os").environ.get("THREADS", "2")))
 cfg = dict(budget=300, bs=256, lr=5e-4, wd=0.04, wd_end=0.4, m=0.99, tt=0.04, ts=0.1, out_dim=4096, hidden=512, bneck=128,
            gsize=32, gscale=(0.4,1.0), nloc=6, lsize=16, lscale=(0.1,0.4), cj=0.8, gray=0.2, blur=(1.0,0.1), sol=(0.0,0.2), lblur=0.5,
-           img=32, cl=True, warm=0.1, backbone="resnet-tiny", bb={}, seed=0, epochs_est=None, steps=None, extra=True, koleo=0.0, sk=False, head={})
+           img=32, cl=True, warm=0.1, backbone="resnet-tiny", bb={}, seed=0, epochs_est=None, steps=None, extra=True, koleo=0.0, sk=False, head={}, cjs=None, ratio=None)
 for a in sys.argv[1:]:
     k, v = a.split("=", 1); cfg[k] = eval(v)
 def idx(p):
@@ -53,7 +54,11 @@ bbcfg = {**BACKBONE_PRESETS[cfg["backbone"]], **cfg["bb"]}
 torch.manual_seed(cfg["seed"])
 model = DinoForPreTraining(DinoConfig(backbone_config=bbcfg, head_config=DinoHeadConfig(in_dim=bbcfg["hidden_sizes"][-1] if "hidden_sizes" in bbcfg else bbcfg["hidden_size"], hidden_dim=cfg["hidden"], bottleneck_dim=cfg["bneck"], out_dim=cfg["out_dim"], **cfg["head"]), student_temperature=cfg["ts"], freeze_last_layer_epochs=0, koleo_weight=cfg['koleo'])).train()
 if cfg["cl"]: model = model.to(memory_format=torch.channels_last)
-views = build_views("multicrop", (0.5,)*3, (0.5,)*3, global_crop_size=cfg["gsize"], global_crop_scale=cfg["gscale"], num_local_crops=cfg["nloc"], local_crop_size=cfg["lsize"], local_crop_scale=cfg["lscale"], color_jitter_p=cfg["cj"], grayscale_p=cfg["gray"], global_blur_p=cfg["blur"], global_solarize_p=cfg["sol"], local_blur_p=cfg["lblur"])
+if cfg["ratio"] is not None:  # probe: random-resized-crop aspect ratios instead of kornia's (3/4, 4/3)
+    import types, kornia.augmentation as _K, hf_ssl.augment as _aug
+    _aug.K = types.SimpleNamespace(**{**{n: getattr(_K, n) for n in dir(_K) if not n.startswith("_")},
+        "RandomResizedCrop": lambda size, scale: _K.RandomResizedCrop(size, scale=scale, ratio=cfg["ratio"])})
+views = build_views("multicrop", (0.5,)*3, (0.5,)*3, global_crop_size=cfg["gsize"], global_crop_scale=cfg["gscale"], num_local_crops=cfg["nloc"], local_crop_size=cfg["lsize"], local_crop_scale=cfg["lscale"], color_jitter_p=cfg["cj"], grayscale_p=cfg["gray"], global_blur_p=cfg["blur"], global_solarize_p=cfg["sol"], local_blur_p=cfg["lblur"], **({} if cfg["cjs"] is None else {"color_jitter_strength": cfg["cjs"]}))
 decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]; nodecay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
 opt = torch.optim.AdamW([{"params": decay}, {"params": nodecay, "weight_decay": 0.0}], lr=cfg["lr"])
 # estimate total steps from a short timing

@@ -18,7 +18,7 @@ import torch
 from hf_ssl.augment import build_views
 from hf_ssl.data import ImageDecoder, build_dataloader, load_image_dataset
 from hf_ssl.recipe import load_recipe
-from hf_ssl.train import build_model, build_optimizer
+from hf_ssl.train import build_model, build_optimizer, model_inputs
 from modeling import METHODS
 from modeling.backbones import build_backbone, pooled_features
 
@@ -55,7 +55,9 @@ def main() -> None:
     view_rate = rate(lambda: views(images, 0), bs, args.steps)
 
     backbone = build_backbone(model.config.backbone_config).to(device).train()
-    view = next(iter(views(images, 0).values()))[:bs]
+    if recipe.channels_last:  # the same memory layout as the method's backbone
+        backbone = backbone.to(memory_format=torch.channels_last)
+    view = next(iter(model_inputs(views(images, 0), recipe).values()))[:bs]
 
     def baseline_step():
         pooled_features(backbone, view).sum().backward()
@@ -65,7 +67,8 @@ def main() -> None:
     schedule_kwargs = {"teacher_temperature": recipe.teacher_temperature}
 
     def train_step():
-        out = model(**views(images, 0), **{k: schedule_kwargs[k] for k in model.schedule_inputs})
+        inputs = model_inputs(views(images, 0), recipe)
+        out = model(**inputs, **{k: schedule_kwargs[k] for k in model.schedule_inputs})
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -103,6 +103,14 @@ def build_model(recipe: PretrainingRecipe):
     return model.to(memory_format=torch.channels_last) if recipe.channels_last else model
 
 
+def model_inputs(views: dict[str, torch.Tensor], recipe: PretrainingRecipe) -> dict[str, torch.Tensor]:
+    """The float32 views as the model takes them: in the recipe's `dtype`, image batches channels-last when the
+    recipe's `channels_last` says so (like the model's weights, see `build_model`)."""
+    dtype, layout = getattr(torch, recipe.dtype), torch.channels_last if recipe.channels_last else torch.preserve_format
+    return {name: view.to(dtype, memory_format=layout if view.dim() == 4 else torch.preserve_format)
+            for name, view in views.items()}
+
+
 def parameter_groups(model: torch.nn.Module) -> list[dict]:
     """Weights decay; biases and norm parameters (1-d) do not (DINO, MoCo v3)."""
     decay, no_decay = [], []
@@ -484,8 +492,6 @@ def train(recipe: PretrainingRecipe) -> dict:
     set_seed(recipe.seed)
     method = METHODS.get(recipe.method)
     model = build_model(recipe)
-    dtype = getattr(torch, recipe.dtype)
-    memory_format = torch.channels_last if recipe.channels_last else torch.preserve_format
     try:
         views = build_views(method.views, recipe.image_mean, recipe.image_std, **recipe.augmentation)
     except (ValueError, TypeError) as err:
@@ -624,8 +630,7 @@ def train(recipe: PretrainingRecipe) -> dict:
                     # this process's rows of the views of the global micro-batch
                     inputs = views(batch["pixel_values"], view_seed(recipe.seed, step, micro),
                                    offset=sum(sizes[:accelerator.process_index]), total=sum(sizes))
-                    inputs = {name: view.to(dtype, memory_format=memory_format if view.dim() == 4  # float32 -> dtype
-                                            else torch.preserve_format) for name, view in inputs.items()}
+                    inputs = model_inputs(inputs, recipe)
                     outputs = model(**inputs, **{k: values[k] for k in core.schedule_inputs})
                     loss = outputs.loss
                     if not loss_is_finite(accelerator, loss):
