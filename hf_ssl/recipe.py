@@ -96,8 +96,8 @@ class PretrainingRecipe:
     # reproduces the one-process run to rounding; in float32 rounding differences grow, see tests/test_distributed.py).
     dtype: str = "float32"  # float32 | float64
     # Convolution weights and views in channels-last (NHWC) memory format: faster for CNN backbones with oneDNN on CPU
-    # (the demo's resnet: 1.3x a step; max-pooling alone 10x) and with mixed precision on GPU. The saved weights are
-    # the same tensors in the usual layout.
+    # (the demo's resnet, 1 thread: 1.3x its forward/backward; max-pooling alone 10x) and with mixed precision on GPU.
+    # The saved weights are the same tensors in the usual layout.
     channels_last: bool = False
     logging_steps: int = 10
     checkpointing_steps: int | None = None
