@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .losses import at_least_float32
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -176,7 +178,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(input)
         self._check_input_dim(input)
         dims = [0] + list(range(2, input.dim()))
-        x = input.to(torch.promote_types(input.dtype, torch.float32))  # half precision in float32; float64 stays
+        x = at_least_float32(input)  # half precision in float32; float64 stays
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         total = all_reduce_sum_with_grad(torch.cat([count, x.sum(dims)]))
         n, mean = total[0], total[1:] / total[0]

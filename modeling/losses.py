@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """`x` in float32 if it is in half precision (mixed-precision training), otherwise as it is: float64 (a float64
     run, `dtype: float64`) is not rounded to float32."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -60,7 +60,7 @@ def info_nce_loss(query: torch.Tensor, key: torch.Tensor, negatives: torch.Tenso
     negative = query @ negatives.detach().to(query.dtype).T
     logits = torch.cat([positive, negative], dim=1) / temperature
     labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
-    return F.cross_entropy(_at_least_float32(logits), labels)
+    return F.cross_entropy(at_least_float32(logits), labels)
 
 
 def in_batch_info_nce_loss(query: torch.Tensor, keys: torch.Tensor, temperature: float,
@@ -77,7 +77,7 @@ def in_batch_info_nce_loss(query: torch.Tensor, keys: torch.Tensor, temperature:
     query, keys = F.normalize(query, dim=1), F.normalize(keys.detach(), dim=1)
     logits = query @ keys.T / temperature
     labels = torch.arange(query.shape[0], device=query.device) + label_offset
-    return F.cross_entropy(_at_least_float32(logits), labels)
+    return F.cross_entropy(at_least_float32(logits), labels)
 
 
 def moco_v3_loss(query_1: torch.Tensor, query_2: torch.Tensor, keys_1: torch.Tensor, keys_2: torch.Tensor,
@@ -93,8 +93,8 @@ def normalized_mse_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch
     """DisCo's distillation term: mean squared error between the L2-normalised `prediction` and the L2-normalised,
     constant `target`, averaged over batch and dimensions (`nn.MSELoss()` as in the official code); equals
     (2 - 2 cos) / D per sample."""
-    prediction = F.normalize(_at_least_float32(prediction), dim=1)
-    target = F.normalize(_at_least_float32(target.detach()), dim=1)
+    prediction = F.normalize(at_least_float32(prediction), dim=1)
+    target = F.normalize(at_least_float32(target.detach()), dim=1)
     return F.mse_loss(prediction, target)
 
 
@@ -126,8 +126,8 @@ def koleo_loss(embeddings: torch.Tensor, eps: float = 1e-8, candidates: torch.Te
     candidates = embeddings if candidates is None else candidates
     if candidates.shape[0] < 2:
         raise ValueError(f"koleo_loss needs at least 2 embeddings, got {candidates.shape[0]}")
-    x = F.normalize(_at_least_float32(embeddings), dim=1)
-    c = x if candidates is embeddings else F.normalize(_at_least_float32(candidates), dim=1)
+    x = F.normalize(at_least_float32(embeddings), dim=1)
+    c = x if candidates is embeddings else F.normalize(at_least_float32(candidates), dim=1)
     with torch.no_grad():  # the nearest neighbour is a choice, not a function to differentiate
         similarity = x @ c.T
         rows = torch.arange(x.shape[0], device=x.device)
