@@ -18,7 +18,7 @@ from modeling import DinoConfig, DinoForPreTraining
 from modeling.heads import DinoHeadConfig
 from modeling.backbones import pooled_features, BACKBONE_PRESETS
 from hf_ssl.augment import build_views
-from hf_ssl import schedules
+from modeling import schedules
 from hf_ssl.evaluation import knn_predict
 torch.set_num_threads(int(__import__("os").environ.get("THREADS", "2")))
 cfg = dict(budget=300, bs=256, lr=5e-4, wd=0.04, wd_end=0.4, m=0.99, tt=0.04, ts=0.1, out_dim=4096, hidden=512, bneck=128,

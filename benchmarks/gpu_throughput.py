@@ -24,6 +24,7 @@ from hf_ssl.augment import build_views
 from hf_ssl.recipe import load_recipe
 from hf_ssl.train import build_model, build_optimizer
 from modeling import METHODS
+from modeling.pretraining import TrainingProgress
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0,
@@ -64,12 +65,12 @@ def main() -> None:
                         **recipe.augmentation).to(device)
     optimizer = build_optimizer(model, recipe)
     images = torch.randint(0, 256, (bs, 3, recipe.image_size, recipe.image_size), dtype=torch.uint8, device=device)
-    schedule = {"teacher_temperature": recipe.teacher_temperature}
+    schedule = model.schedule_values(TrainingProgress(step=0, total_steps=1, steps_per_epoch=1))
 
     def step(seed: int) -> None:
         inputs = views(images, seed)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(**inputs, **{k: schedule[k] for k in model.schedule_inputs})
+            out = model(**inputs, **schedule)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

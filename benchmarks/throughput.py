@@ -21,6 +21,7 @@ from hf_ssl.recipe import load_recipe
 from hf_ssl.train import build_model, build_optimizer, model_inputs
 from modeling import METHODS
 from modeling.backbones import build_backbone, pooled_features
+from modeling.pretraining import TrainingProgress
 
 
 def rate(fn, images_per_call: int, steps: int, warmup: int = 2) -> float:
@@ -64,11 +65,11 @@ def main() -> None:
 
     baseline = rate(baseline_step, bs, args.steps)
     optimizer = build_optimizer(model, recipe)
-    schedule_kwargs = {"teacher_temperature": recipe.teacher_temperature}
+    schedule_kwargs = model.schedule_values(TrainingProgress(step=0, total_steps=1, steps_per_epoch=1))
 
     def train_step():
         inputs = model_inputs(views(images, 0), recipe)
-        out = model(**inputs, **{k: schedule_kwargs[k] for k in model.schedule_inputs})
+        out = model(**inputs, **schedule_kwargs)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -68,23 +68,23 @@ class PretrainingRecipe:
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 100.0
     max_steps: int = -1  # > 0 overrides num_train_epochs
-    optimizer: str = "adamw"  # adamw | sgd
+    # adamw | sgd | lars (SGD with momentum and layer-wise trust ratios, as in MoCo v3 / BYOL; the model's
+    # parameter groups say which parameters are adapted and decayed: by default not biases and norms)
+    optimizer: str = "adamw"
     learning_rate: float = 5e-4
     lr_scaling_batch_size: int | None = 256  # peak lr = learning_rate * global batch / this (None: as given)
     min_learning_rate: float = 1e-6
     warmup_epochs: float = 10.0
     weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
+    weight_decay_end: float | None = None  # cosine from weight_decay to this (DINO: 0.04 -> 0.4); null: constant
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    sgd_momentum: float = 0.9
+    sgd_momentum: float = 0.9  # sgd and lars
+    lars_trust_coefficient: float = 0.001
     max_grad_norm: float | None = 3.0
-    clip_grad_per_parameter: bool = True  # DINO clips each parameter's gradient norm separately
+    clip_grad_per_parameter: bool = False  # true: each parameter's gradient norm separately (DINO); false: global
     ema_momentum: float = 0.996  # teacher / momentum-encoder EMA rate, cosine to ema_momentum_end
     ema_momentum_end: float = 1.0
-    warmup_teacher_temperature: float = 0.04
-    teacher_temperature: float = 0.04
-    warmup_teacher_temperature_epochs: float = 30.0
     # BatchNorm statistics over the global batch (SyncBatchNorm) when training on several processes, so that results
     # do not depend on the number of processes. false: per-process statistics (MoCo v2 then uses shuffle-BN, as in
     # the paper). No effect on one process or on LayerNorm-only models (ViT).
@@ -126,7 +126,7 @@ class PretrainingRecipe:
     collapse_std_fraction: float | None = 0.1
 
     def __post_init__(self):
-        choices = {"optimizer": ("adamw", "sgd"), "mixed_precision": ("no", "fp16", "bf16"),
+        choices = {"optimizer": ("adamw", "sgd", "lars"), "mixed_precision": ("no", "fp16", "bf16"),
                    "dtype": ("float32", "float64"), "on_bad_image": ("skip", "error"), "nan_policy": ("stop", "skip")}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
@@ -135,16 +135,17 @@ class PretrainingRecipe:
             raise RecipeError(f"dtype=float64 trains in float64: mixed_precision must be 'no', got "
                               f"{self.mixed_precision!r}")
         positive = ("image_size", "per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
-                    "eval_batch_size", "knn_k", "learning_rate", "knn_temperature", "teacher_temperature",
-                    "warmup_teacher_temperature", "nan_max_consecutive_skips")
+                    "eval_batch_size", "knn_k", "learning_rate", "knn_temperature", "lars_trust_coefficient",
+                    "nan_max_consecutive_skips")
         for key in positive:
             if getattr(self, key) <= 0:
                 raise RecipeError(f"{key} must be > 0, got {getattr(self, key)}")
-        non_negative = ("min_learning_rate", "warmup_epochs", "weight_decay", "weight_decay_end",
-                        "warmup_teacher_temperature_epochs", "dataloader_num_workers", "seed")
+        non_negative = ("min_learning_rate", "warmup_epochs", "weight_decay", "dataloader_num_workers", "seed")
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise RecipeError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.weight_decay_end is not None and self.weight_decay_end < 0:
+            raise RecipeError(f"weight_decay_end must be >= 0 or null, got {self.weight_decay_end}")
         for key in ("max_grad_norm", "lr_scaling_batch_size", "save_total_limit", "collapse_std_fraction",
                     "total_train_batch_size"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
@@ -183,6 +184,15 @@ class PretrainingRecipe:
 def _closest(key: str, valid) -> str:
     match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+# Keys that moved from the shared recipe into a method's config (`model:`): a recipe still using the old place is
+# refused with the new one, never silently ignored.
+MOVED_KEYS = {
+    "warmup_teacher_temperature": "model.warmup_teacher_temperature (DINO's config)",
+    "teacher_temperature": "model.teacher_temperature (DINO's config)",
+    "warmup_teacher_temperature_epochs": "model.warmup_teacher_temperature_epochs (DINO's config)",
+}
 
 
 def check_keys(given: dict, valid, where: str) -> None:
@@ -273,6 +283,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         data = _merge(data, extra)
+    moved = [k for k in data if k in MOVED_KEYS]
+    if moved:
+        raise RecipeError("; ".join(f"recipe key {k!r} moved to {MOVED_KEYS[k]}" for k in moved))
     fields = {f.name: f for f in dataclasses.fields(PretrainingRecipe)}
     check_keys(data, fields, "the recipe")
     missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING

@@ -39,6 +39,23 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A (larger) MoCo v2 pretraining model with 8-d embeddings, saved like OUTPUT_DIR/pretraining: a DisCo teacher."""
+    import torch
+
+    from modeling import MocoConfig, MocoForPreTraining
+
+    torch.manual_seed(1)
+    model = MocoForPreTraining(MocoConfig(
+        backbone_config={"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [16, 32], "depths": [1, 1],
+                         "layer_type": "basic"},
+        projector_config={"in_dim": 32, "out_dim": 8}, queue_size=16))
+    path = tmp_path_factory.mktemp("teacher_run") / "pretraining"
+    model.save_pretrained(path)
+    return path
+
+
 TINY_RECIPE = """
 method: dino
 output_dir: {output_dir}
@@ -55,6 +72,8 @@ per_device_train_batch_size: 8
 num_train_epochs: 1
 learning_rate: 0.001
 warmup_epochs: 0.2
+weight_decay_end: 0.4
+clip_grad_per_parameter: true
 logging_steps: 1
 eval_batch_size: 16
 seed: 7

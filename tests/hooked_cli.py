@@ -24,11 +24,11 @@ import hf_ssl.train as train  # noqa: E402
 if hook == "block_after_step":
     schedule_values = train.schedule_values
 
-    def blocking_schedule_values(recipe, step, *rest, **kwargs):
-        if step == hook_step:  # the first call for step STEP + 1: step STEP is complete
+    def blocking_schedule_values(recipe, progress, *rest, **kwargs):
+        if progress.step == hook_step:  # the first call for step STEP + 1: step STEP is complete
             print("BLOCKED", flush=True)
             time.sleep(600)
-        return schedule_values(recipe, step, *rest, **kwargs)
+        return schedule_values(recipe, progress, *rest, **kwargs)
 
     train.schedule_values = blocking_schedule_values
 elif hook == "kill_in_save":

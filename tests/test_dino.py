@@ -11,6 +11,7 @@ from modeling import DinoConfig, DinoForPreTraining
 from modeling.backbones import pooled_features
 from modeling.heads import DinoHeadConfig
 from modeling.losses import dino_loss, ema_update, koleo_loss
+from modeling.pretraining import TrainingProgress
 
 
 def tiny_dino(out_dim=16, **kwargs) -> DinoForPreTraining:
@@ -156,9 +157,9 @@ def test_last_layer_frozen_in_first_epochs_only():
     model(global_crops=torch.randn(4, 3, 32, 32), teacher_temperature=0.04).loss.backward()
     weight_v = model.student_head.last_layer.parametrizations.weight.original1
     assert weight_v.grad is not None
-    model.before_optimizer_step(epoch=1)
+    model.before_optimizer_step(TrainingProgress(step=10, total_steps=20, steps_per_epoch=10))  # epoch 1
     assert weight_v.grad is not None
-    model.before_optimizer_step(epoch=0)
+    model.before_optimizer_step(TrainingProgress(step=9, total_steps=20, steps_per_epoch=10))  # epoch 0
     assert weight_v.grad is None
     # norm_last_layer: prototype norms are fixed at 1 and never trained
     assert not model.student_head.last_layer.parametrizations.weight.original0.requires_grad

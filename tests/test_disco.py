@@ -24,15 +24,9 @@ TEACHER = {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [16, 32]
            "layer_type": "basic"}
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    """A (larger) MoCo v2 pretraining model with 8-d embeddings, saved like OUTPUT_DIR/pretraining."""
-    torch.manual_seed(1)
-    teacher = MocoForPreTraining(MocoConfig(backbone_config=TEACHER, projector_config={"in_dim": 32, "out_dim": 8},
-                                            queue_size=16))
-    path = tmp_path_factory.mktemp("teacher_run") / "pretraining"
-    teacher.save_pretrained(path)
-    return path
+@pytest.fixture
+def teacher_dir(tiny_teacher) -> Path:
+    return tiny_teacher
 
 
 def tiny_disco(teacher, out_dim=8, **kwargs) -> DiscoForPreTraining:

@@ -21,8 +21,8 @@ from hf_ssl.recipe import load_recipe
 from hf_ssl.train import train
 
 from .conftest import REPO_ROOT, TINY_RECIPE
-from .test_moco import MOCO_RECIPE
 from .test_train import ENV, losses
+from .tiny_methods import VARIANTS, write_tiny_recipe
 
 STEPS = 10
 # On the logged losses of float64 runs; they are logged in float32 (resolution ~1e-6 at a loss of 11).
@@ -232,45 +232,15 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-MOCO_V3_MODEL = """model:
-  version: 3
-  projector_config: {hidden_dim: 32, out_dim: 8, num_layers: 3, norm: batchnorm, last_norm: true}
-  predictor_config: {hidden_dim: 32, num_layers: 2, norm: batchnorm}
-  contrastive_temperature: 1.0
-"""
-
-
 def _recipes(root: Path, dataset: Path, teacher: Path) -> dict[str, tuple[Path, list[str]]]:
-    """name -> (recipe, overrides) of the runs compared between 2 processes and 1 process."""
+    """variant -> (recipe, overrides) of the runs compared between 2 processes and 1 process: every variant of every
+    registered method's tiny setting (tests/tiny_methods.py), in float64."""
     common = ["--max_steps", str(STEPS), "--total_train_batch_size", "16", "--do_eval", "false", "--dtype", "float64"]
-    dino = _write(root / "dino.yaml", TINY_RECIPE.format(output_dir="unused", dataset=dataset))
-    moco = _write(root / "moco.yaml", MOCO_RECIPE.format(output_dir="unused", dataset=dataset))
-    v3_text = MOCO_RECIPE.format(output_dir="unused", dataset=dataset)
-    v3_text = v3_text[:v3_text.index("model:")] + MOCO_V3_MODEL + v3_text[v3_text.index("augmentation:"):]
-    moco_v3 = _write(root / "moco-v3.yaml", v3_text)
-    disco = _write(root / "disco.yaml", MOCO_RECIPE.format(output_dir="unused", dataset=dataset)
-                   .replace("method: moco", "method: disco")
-                   .replace("  queue_size: 20", f"  queue_size: 20\n  teacher_name_or_path: {teacher}"))
-    return {
-        "dino-koleo": (dino, common + ["--model.koleo_weight", "0.1"]),
-        "moco-v2": (moco, common),
-        "moco-v3": (moco_v3, common),
-        "disco": (disco, common),
-    }
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    from modeling import MocoConfig, MocoForPreTraining
-
-    torch.manual_seed(1)
-    model = MocoForPreTraining(MocoConfig(
-        backbone_config={"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [16, 32], "depths": [1, 1],
-                         "layer_type": "basic"},
-        projector_config={"in_dim": 32, "out_dim": 8}, queue_size=16))
-    path = tmp_path_factory.mktemp("teacher") / "pretraining"
-    model.save_pretrained(path)
-    return path
+    recipes = {}
+    for variant in VARIANTS:
+        path, overrides = write_tiny_recipe(variant, root, dataset, teacher)
+        recipes[variant] = (path, overrides + common)
+    return recipes
 
 
 @pytest.fixture(scope="module")
@@ -286,16 +256,16 @@ def id_dataset(tmp_path_factory, tiny_dataset) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory, tiny_dataset, id_dataset, teacher) -> dict:
+def two_process_runs(tmp_path_factory, tiny_dataset, id_dataset, tiny_teacher) -> dict:
     """Every 2-process run of this module, in one `accelerate launch` with the shipped CPU config."""
     root = tmp_path_factory.mktemp("two_processes")
     runs, outputs = [], {}
-    for name, (recipe, overrides) in _recipes(root, tiny_dataset, teacher).items():
+    for name, (recipe, overrides) in _recipes(root, tiny_dataset, tiny_teacher).items():
         outputs[name] = root / name
         runs.append({"args": ["train", str(recipe), *overrides, "--output_dir", str(root / name)]})
     # MoCo v2 with per-process BatchNorm: shuffle-BN under real DDP
     outputs["moco-v2-shuffle-bn"] = root / "moco-v2-shuffle-bn"
-    runs.append({"args": ["train", str(root / "moco.yaml"), "--max_steps", "3", "--sync_batchnorm", "false",
+    runs.append({"args": ["train", str(root / "moco-v2.yaml"), "--max_steps", "3", "--sync_batchnorm", "false",
                           "--do_eval", "false", "--output_dir", str(outputs["moco-v2-shuffle-bn"])]})
     # streaming: 48 images in 48 shards, 4 per process per step -> 6 steps per epoch; 2 epochs, checkpoint at 4
     streaming = _write(root / "streaming.yaml", TINY_RECIPE.format(output_dir=root / "streaming", dataset=id_dataset))
@@ -314,10 +284,10 @@ def two_process_runs(tmp_path_factory, tiny_dataset, id_dataset, teacher) -> dic
                             env={**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
                                  "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), ENV.get("PYTHONPATH", "")])})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return {"outputs": outputs, "recipes": _recipes(root, tiny_dataset, teacher), "log": result.stderr}
+    return {"outputs": outputs, "recipes": _recipes(root, tiny_dataset, tiny_teacher), "log": result.stderr}
 
 
-@pytest.mark.parametrize("name", ["dino-koleo", "moco-v2", "moco-v3", "disco"])
+@pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_two_processes_reproduce_one_process(two_process_runs, name, tmp_path):
     """In float64 (recipe dtype: float64). In float32 the two runs differ by rounding (other summation orders), and
     where a ReLU input lies within that rounding of 0 the two runs pass or block that element's gradient: a

@@ -19,6 +19,9 @@ class DinoConfig(PretrainedConfig):
         freeze_last_layer_epochs (`int`, defaults to 1): epochs during which the prototype layer gets no update.
         koleo_weight (`float`, defaults to 0.0): weight of the KoLeo regulariser on the student's pooled features
             of each global crop (DINOv2 uses 0.1); 0 is the original DINO.
+        warmup_teacher_temperature (`float`, defaults to 0.04), teacher_temperature (`float`, defaults to 0.04),
+        warmup_teacher_temperature_epochs (`float`, defaults to 30): τt goes linearly from the first to the second
+            over that many epochs, then stays (the paper's ViT-S/16: 0.04 -> 0.07 over 30 epochs).
     """
 
     model_type = "hf_ssl_dino"
@@ -28,7 +31,8 @@ class DinoConfig(PretrainedConfig):
 
     def __init__(self, backbone_config=None, head_config=None, student_temperature: float = 0.1,
                  center_momentum: float = 0.9, num_global_crops: int = 2, freeze_last_layer_epochs: int = 1,
-                 koleo_weight: float = 0.0, **kwargs):
+                 koleo_weight: float = 0.0, warmup_teacher_temperature: float = 0.04,
+                 teacher_temperature: float = 0.04, warmup_teacher_temperature_epochs: float = 30.0, **kwargs):
         if backbone_config is None:
             backbone_config = backbone_config_from_preset("resnet-tiny")
         elif isinstance(backbone_config, dict):
@@ -46,4 +50,13 @@ class DinoConfig(PretrainedConfig):
         if koleo_weight < 0:
             raise ValueError(f"koleo_weight must be >= 0, got {koleo_weight}")
         self.koleo_weight = koleo_weight
+        for name, value in (("warmup_teacher_temperature", warmup_teacher_temperature),
+                            ("teacher_temperature", teacher_temperature)):
+            if value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if warmup_teacher_temperature_epochs < 0:
+            raise ValueError(f"warmup_teacher_temperature_epochs must be >= 0, got {warmup_teacher_temperature_epochs}")
+        self.warmup_teacher_temperature = warmup_teacher_temperature
+        self.teacher_temperature = teacher_temperature
+        self.warmup_teacher_temperature_epochs = warmup_teacher_temperature_epochs
         super().__init__(**kwargs)

@@ -8,7 +8,8 @@ from ..backbones import build_backbone, pooled_features
 from ..distributed import all_gather_with_grad, all_reduce_mean
 from ..heads import DinoHead
 from ..losses import dino_loss, ema_update, koleo_loss
-from ..pretraining import SSLPreTrainedModel
+from ..pretraining import SSLPreTrainedModel, TrainingProgress
+from ..schedules import linear_warmup_then_constant
 from .configuration_dino import DinoConfig
 
 
@@ -43,7 +44,6 @@ class DinoForPreTraining(SSLPreTrainedModel):
 
     config_class = DinoConfig
     base_model_prefix = "dino"
-    schedule_inputs = ("teacher_temperature",)
 
     def __init__(self, config: DinoConfig):
         super().__init__(config)
@@ -83,7 +83,9 @@ class DinoForPreTraining(SSLPreTrainedModel):
         return global_features, torch.cat([global_features, pooled_features(self.student_backbone, local_crops)])
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None,
-                teacher_temperature: float = 0.04, return_dict: bool = True) -> DinoPreTrainingOutput:
+                teacher_temperature: float | None = None, return_dict: bool = True) -> DinoPreTrainingOutput:
+        if teacher_temperature is None:  # called without the schedule (e.g. by transformers' Trainer): τt's end value
+            teacher_temperature = self.config.teacher_temperature
         n_global = self.config.num_global_crops
         if global_crops.shape[0] % n_global:
             raise ValueError(f"global_crops has {global_crops.shape[0]} rows, not a multiple of "
@@ -122,8 +124,15 @@ class DinoForPreTraining(SSLPreTrainedModel):
                                        embedding_std=embedding_std)
         return output if return_dict else output.to_tuple()
 
-    def before_optimizer_step(self, epoch: int) -> None:
-        if epoch < self.config.freeze_last_layer_epochs:
+    def schedule_values(self, progress: TrainingProgress) -> dict[str, float]:
+        """τt: linear warmup, then constant."""
+        config = self.config
+        warmup = progress.steps(config.warmup_teacher_temperature_epochs)
+        return {"teacher_temperature": linear_warmup_then_constant(
+            progress.step, warmup, config.warmup_teacher_temperature, config.teacher_temperature)}
+
+    def before_optimizer_step(self, progress: TrainingProgress) -> None:
+        if progress.epoch < self.config.freeze_last_layer_epochs:
             for p in self.student_head.last_layer.parameters():
                 p.grad = None
 

@@ -145,6 +145,11 @@ class MocoForPreTraining(SSLPreTrainedModel):
         self.queue[index] = keys.to(self.queue.dtype)
         self.queue_ptr.fill_((ptr + keys.shape[0]) % size)
 
+    def discard_step(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Also drop the keys of the skipped step: they must not reach the queue."""
+        super().discard_step(snapshot)
+        self._pending_keys.clear()
+
     @torch.no_grad()
     def post_optimizer_step(self, momentum: float) -> None:
         ema_update(self.key_backbone.parameters(), self.query_backbone.parameters(), momentum)

@@ -1,6 +1,7 @@
 """Schedules as pure functions of the step (nanoGPT's `get_lr(step)` style): no state, no counters.
 
-The training loop evaluates them at every optimizer step and passes the values to the optimizer and model.
+The training loop evaluates the generic ones (lr, weight decay, EMA momentum) at every optimizer step; a method
+evaluates its own in `schedule_values(progress)` (DINO's teacher temperature). Both pass values, never counters.
 """
 import math
 

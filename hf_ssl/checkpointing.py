@@ -1,0 +1,197 @@
+"""Checkpoints of a training run: `OUTPUT_DIR/checkpoints/step_N`, written atomically, restored strictly.
+
+A checkpoint is accelerate's state (model weights as safetensors incl. buffers such as DINO's center or MoCo's
+queue, optimizer, RNG states) plus the model's config.json and, for streaming, the position in the data stream.
+"""
+import json
+import logging
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+DATA_STATE_FILE = "data_state.json"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and where the last good checkpoint is."""
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """The complete checkpoints `checkpoints/step_N`, oldest first (`.tmp_step_N` are unfinished saves)."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def resolve_checkpoint(output_dir: Path, value: str) -> Path:
+    if value == "latest":
+        found = checkpoint_dirs(output_dir)
+        if not found:
+            raise TrainingError(f"--resume_from_checkpoint latest: no checkpoint under {output_dir / 'checkpoints'}")
+        return found[-1]
+    path = Path(value)
+    if not (path.is_dir() and path.name.startswith("step_") and path.name[5:].isdigit()):
+        raise TrainingError(f"--resume_from_checkpoint {value}: not a checkpoint directory (checkpoints/step_N)")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, save_total_limit: int | None,
+                    model_config, data_state: dict | None = None) -> Path:
+    """accelerate state written to a temporary dir, then renamed: a kill during the save keeps the old ones."""
+    root = output_dir / "checkpoints"
+    final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # config.json beside accelerate's model.safetensors: the checkpoint loads with from_pretrained / export.
+        model_config.save_pretrained(tmp)
+        if data_state is not None:  # streaming: where the data stream is (plain JSON, no pickle)
+            (tmp / DATA_STATE_FILE).write_text(json.dumps(data_state))
+        if final.exists():  # renamed away first: a kill at any point leaves a complete step_N or none
+            os.replace(final, root / f".tmp_old_step_{step}")
+        os.replace(tmp, final)
+        shutil.rmtree(root / f".tmp_old_step_{step}", ignore_errors=True)
+        if save_total_limit:
+            for old in checkpoint_dirs(output_dir)[:-save_total_limit]:
+                doomed = root / f".tmp_deleting_{old.name}"  # never a half-deleted step_N
+                os.replace(old, doomed)
+                shutil.rmtree(doomed)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def required_checkpoint_files(accelerator: Accelerator) -> list[str]:
+    """What a resume needs from `accelerator.save_state` (one model, one optimizer, safetensors weights)."""
+    files = ["model.safetensors", "optimizer.bin", f"random_states_{accelerator.process_index}.pkl"]
+    if accelerator.scaler is not None:
+        files.append("scaler.pt")
+    return files
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
+    """`accelerator.load_state`, made strict: every piece of state must be there and really be restored.
+
+    accelerate loads the weights from model.safetensors, and optimizer.bin / RNG states with
+    `torch.load(weights_only=True)` (a pickle that would run code is refused); but it catches any failure to
+    restore the RNG states and goes on with a log line. Here a missing file, a refused pickle, or RNG states that
+    are not the saved ones raise a TrainingError naming the piece.
+    """
+    missing = [name for name in required_checkpoint_files(accelerator) if not (checkpoint / name).is_file()]
+    if missing:
+        raise TrainingError(f"cannot resume from {checkpoint}: missing {', '.join(missing)} "
+                            "(weights must be model.safetensors; optimizer and RNG states are required)")
+    try:
+        accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+    except pickle.UnpicklingError as err:
+        culprit = next((name for name in refused_state_files(checkpoint)), "a state file")
+        raise TrainingError(f"cannot resume from {checkpoint}: {culprit} holds more than tensors and plain data "
+                            f"(a pickle that could run code) and was refused (weights_only=True): "
+                            f"{str(err).splitlines()[0]}") from None
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        raise TrainingError(f"cannot resume from {checkpoint}: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    check_rng_restored(checkpoint / f"random_states_{accelerator.process_index}.pkl")
+
+
+def refused_state_files(checkpoint: Path) -> list[str]:
+    """The pickled state files of `checkpoint` that `torch.load(weights_only=True)` refuses (an error path)."""
+    from accelerate.utils import load as accelerate_load
+
+    refused = []
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix in (".bin", ".pkl", ".pt"):
+            try:
+                accelerate_load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                refused.append(path.name)
+    return refused
+
+
+def check_rng_restored(path: Path) -> None:
+    """TrainingError unless the global RNGs (python, numpy, torch, CUDA) now hold the states saved in `path`."""
+    import random
+
+    import numpy as np
+    from accelerate.utils import load as accelerate_load
+
+    try:
+        saved = accelerate_load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- any failure to read the file means the RNG was not restored
+        raise TrainingError(f"cannot resume: the RNG states in {path} cannot be read "
+                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    checks = {
+        "python random": lambda: random.getstate() == saved["random_state"],
+        "numpy": lambda: all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), saved["numpy_random_seed"])),
+        "torch": lambda: torch.equal(torch.get_rng_state(), saved["torch_manual_seed"]),
+    }
+    if torch.cuda.is_available():
+        checks["CUDA"] = lambda: all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(),
+                                                                      saved["torch_cuda_manual_seed"]))
+    for name, restored in checks.items():
+        try:
+            ok = restored()
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise TrainingError(f"cannot resume: the {name} RNG state saved in {path} was not restored "
+                                "(accelerate's load_state skips RNG states it cannot load); refusing to continue "
+                                "with a different random stream")
+
+
+def supersede_after(output_dir: Path, step: int) -> None:
+    """Start (or restart) the run's history at `step` (0: a fresh run in a used OUTPUT_DIR).
+
+    What a previous run wrote about later steps belongs to a timeline that is being replaced: checkpoints
+    `step_N` with N > step move to `checkpoints/superseded/` (so `latest` cannot pick them), metrics.jsonl
+    records of later steps (and a line cut short by a kill) move to `metrics.superseded.jsonl`. Nothing is
+    deleted except unfinished saves (`.tmp_*`). metrics.jsonl then holds each step at most once, in order.
+    """
+    root = output_dir / "checkpoints"
+    if root.is_dir():
+        for tmp in root.glob(".tmp_*"):
+            logger.warning("removing %s, an unfinished checkpoint save", tmp)
+            shutil.rmtree(tmp)
+        later = [p for p in checkpoint_dirs(output_dir) if int(p.name[5:]) > step]
+        for path in later:
+            target, n = root / "superseded" / path.name, 1
+            while target.exists():  # superseded before, by an earlier restart: keep both
+                target, n = root / "superseded" / f"{path.name}.{n}", n + 1
+            target.parent.mkdir(exist_ok=True)
+            os.replace(path, target)
+            logger.warning("moved %s to %s: training restarts at step %d", path, target, step)
+    metrics = output_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return
+    kept, superseded = [], []
+    for line in metrics.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and record.get("step", 0) <= step
+        except json.JSONDecodeError:
+            record, keep = {"unreadable_line": line}, False
+        if keep:
+            kept.append(line)
+        else:
+            superseded.append(json.dumps({**record, "superseded_at_restart_from_step": step}))
+    if superseded:
+        with (output_dir / "metrics.superseded.jsonl").open("a") as f:
+            f.write("".join(line + "\n" for line in superseded))
+        tmp = output_dir / "metrics.jsonl.tmp"
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, metrics)
+        logger.warning("moved %d metrics.jsonl records after step %d to metrics.superseded.jsonl",
+                       len(superseded), step)
