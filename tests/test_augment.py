@@ -70,3 +70,26 @@ def test_color_jitter_strength_reaches_every_crop(recipe, sizes):
     images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8).expand(-1, 3, -1, -1)
     for view in grey(images, seed=0).values():
         assert torch.equal(view[:, 0], view[:, 1]) and torch.equal(view[:, 1], view[:, 2])
+
+
+# Views of commit b47a59c (before view recipes took the whole batch) for a fixed 4-image batch and seed 123, as
+# float64 sums: a changed random draw moves a sum by far more than rounding. Computed on CPU with torch 2.13.0 and
+# kornia 0.9.0; a CPU with other vector kernels may move the last bits (recompute them with b47a59c's code then).
+PINNED_VIEW_SUMS = {
+    "multicrop": {"global_crops": -1305.9891775250435, "local_crops": -655.2446462512016},
+    "multicrop rows 1:3 of 4": {"global_crops": -951.3243705034256, "local_crops": -138.92268025875092},
+    "two_views": {"view_1": 326.4904438853264, "view_2": -726.4313166737556},
+    "two_views rows 1:3 of 4": {"view_1": 224.71244657039642, "view_2": -455.45192766189575},
+}
+
+
+def pinned_recipes():
+    return {"multicrop": multicrop(), "two_views": build_views("two_views", (0.5,) * 3, (0.5,) * 3, crop_size=16)}
+
+
+def test_views_are_bit_identical_to_the_pinned_ones():
+    images = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for name, views in pinned_recipes().items():
+        for label, out in ((name, views(images, seed=123)),
+                           (f"{name} rows 1:3 of 4", views(images[1:3], seed=123, offset=1, total=4))):
+            assert {key: value.double().sum().item() for key, value in out.items()} == PINNED_VIEW_SUMS[label], label
