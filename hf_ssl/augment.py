@@ -1,9 +1,11 @@
 """Batched, on-device view generation (kornia), one named recipe per kind of view a method needs.
 
-A view recipe is an `nn.Module` called as `views(images, seed)`: `images` is the uint8 `[B, 3, H, W]` batch
-straight from the data loader (already on the training device), `seed` fixes every random draw of the call,
-so that the same step gets the same views after a resume. It returns the keyword arguments of the method's
-`forward`. Methods name their recipe in the registry (`modeling.METHODS[...].views`).
+A view recipe is an `nn.Module` called as `views(batch, seed)`: `batch` is the data loader's batch dict (already on
+the training device), of which the recipe reads the uint8 image batches named by its `input_names` (`pixel_values`,
+`[B, 3, H, W]`, plus extra columns such as a foreground mask `[B, 1, H, W]`, see `data.ImageDecoder`); `seed` fixes
+every random draw of the call, so that the same step gets the same views after a resume. It returns the keyword
+arguments of the method's `forward`, named by its `output_names()`; `check_views_match_forward` compares the two when
+a run is set up. Methods name their recipe in the registry (`modeling.METHODS[...].views`).
 """
 import difflib
 import inspect
@@ -98,46 +100,83 @@ def slice_parameters(params: dict[str, torch.Tensor], total: int, start: int, st
 
 
 class SeededViews(nn.Module):
-    """A view recipe whose every random draw comes from `seed`: `forward(images, seed)` scales the uint8 batch to
-    [0, 1] and calls `make_views` inside a forked RNG seeded with `seed` (the global RNG is left untouched).
+    """A view recipe whose every random draw comes from `seed`: `forward(batch, seed)` scales the uint8 image batches
+    it reads (`input_names`) to float32 in [0, 1] and calls `make_views` with them inside a forked RNG seeded with
+    `seed` (the global RNG is left untouched). Extra columns such as masks are scaled too, so that the same kornia
+    stages can resample them (a resampled mask edge is a soft weight in [0, 1]); a recipe thresholds them if it needs
+    hard masks. `batch` may also be a bare uint8 tensor, taken as `{"pixel_values": batch}`.
 
-    Global-batch augmentation: `forward(images, seed, offset=o, total=n)` treats `images` as rows `o:o+len(images)`
-    of a global batch of `n` images (spread over processes). Every augmentation's random parameters are drawn for
-    all `n` rows, in the same order as for one process holding the whole batch, and only this process's rows are
-    applied. So the views of an image depend on (seed, its row in the global batch), never on the number of
+    Global-batch augmentation: `forward(batch, seed, offset=o, total=n)` treats the batch as images `o:o+B` of a
+    global batch of `n` images (spread over processes). Every augmentation's random parameters are drawn for all `n`
+    images, in the same order as for one process holding the whole batch, and only this process's rows are applied
+    (`augment`). So the views of an image depend on (seed, its row in the global batch), never on the number of
     processes: W processes produce exactly the rows of the one-process views.
     """
 
-    _rows: tuple[int, int, int] | None = None  # (offset, stop, total) during a sliced forward
+    # Batch keys `make_views` reads (each a uint8 image batch); a recipe that also reads e.g. a mask extends it.
+    input_names: tuple[str, ...] = ("pixel_values",)
 
-    def make_views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    _rows: tuple[int, int, int] | None = None  # (offset, stop, total) of this process's images during forward
+
+    def output_names(self) -> tuple[str, ...]:
+        """The keyword arguments of `forward` this recipe returns, as set up (checked against the model's forward)."""
+        raise NotImplementedError
+
+    def make_views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def augment(self, pipeline: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         """Run the kornia `pipeline` on `x`, drawing each stage's parameters for the global batch."""
         if self._rows is None:
-            return pipeline(x)
+            raise RuntimeError("augment draws from the seed of a forward call: call it from make_views")
         start, stop, total = self._rows
+        if start == 0 and stop == total:
+            return pipeline(x)
         for stage in pipeline:
             params = stage.forward_parameters(torch.Size((total, *x.shape[1:])))
             x = stage(x, params=slice_parameters(params, total, start, stop, x.shape))
         return x
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, seed: int, offset: int = 0, total: int | None = None
-                ) -> dict[str, torch.Tensor]:
-        total = images.shape[0] if total is None else total
-        if not 0 <= offset <= offset + images.shape[0] <= total:
-            raise ValueError(f"rows {offset}:{offset + images.shape[0]} are not inside a global batch of {total}")
-        devices = [images.device] if images.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=images.device.type):
+    def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor, seed: int, offset: int = 0,
+                total: int | None = None) -> dict[str, torch.Tensor]:
+        inputs = self._scaled_inputs({"pixel_values": batch} if torch.is_tensor(batch) else batch)
+        size = next(iter(inputs.values())).shape[0]
+        total = size if total is None else total
+        if not 0 <= offset <= offset + size <= total:
+            raise ValueError(f"rows {offset}:{offset + size} are not inside a global batch of {total}")
+        device = next(iter(inputs.values())).device
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=device.type):
             torch.manual_seed(seed)
-            self._rows = None if (offset == 0 and total == images.shape[0]) else (offset, offset + images.shape[0],
-                                                                                    total)
+            self._rows = (offset, offset + size, total)
             try:
-                return self.make_views(images.float().div_(255))
+                views = self.make_views(inputs)
             finally:
                 self._rows = None
+        if set(views) != set(self.output_names()):
+            raise RuntimeError(f"{type(self).__name__}.make_views returned {sorted(views)} but output_names() declares "
+                               f"{sorted(self.output_names())}")
+        return views
+
+    def _scaled_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The uint8 image batches named by `input_names`, as float32 in [0, 1]; a missing or odd one is named."""
+        missing = [name for name in self.input_names if name not in batch]
+        if missing:
+            raise ValueError(f"{type(self).__name__} reads batch key(s) {missing}, not in the batch (keys: "
+                             f"{sorted(batch)}); the model's input_columns() must ask the data loader for them")
+        inputs = {}
+        for name in self.input_names:
+            value = batch[name]
+            if not torch.is_tensor(value) or value.dtype != torch.uint8 or value.dim() != 4:
+                raise ValueError(f"batch[{name!r}] must be a uint8 image batch [B, C, H, W], got "
+                                 f"{getattr(value, 'dtype', type(value).__name__)} of shape "
+                                 f"{tuple(getattr(value, 'shape', ()))}")
+            inputs[name] = value.float().div_(255)
+        sizes = {name: value.shape[0] for name, value in inputs.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"the batch's images and extra columns have different numbers of rows: {sizes}")
+        return inputs
 
 
 class MultiCropViews(SeededViews):
@@ -176,7 +215,11 @@ class MultiCropViews(SeededViews):
             byol_crop_pipeline(local_crop_size, local_crop_scale, local_blur_p, 0.0, **common)
             for _ in range(num_local_crops))
 
-    def make_views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def output_names(self) -> tuple[str, ...]:
+        return ("global_crops", "local_crops") if len(self.local_crops) else ("global_crops",)
+
+    def make_views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = batch["pixel_values"]
         views = {"global_crops": torch.cat([self.augment(crop, x) for crop in self.global_crops])}
         if len(self.local_crops):
             views["local_crops"] = torch.cat([self.augment(crop, x) for crop in self.local_crops])
@@ -203,17 +246,21 @@ class TwoViews(SeededViews):
         self.views = nn.ModuleList(byol_crop_pipeline(crop_size, crop_scale, blur, solarize, **common)
                                    for blur, solarize in zip(blur_p, solarize_p))
 
-    def make_views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def output_names(self) -> tuple[str, ...]:
+        return ("view_1", "view_2")
+
+    def make_views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = batch["pixel_values"]
         return {"view_1": self.augment(self.views[0], x), "view_2": self.augment(self.views[1], x)}
 
 
-VIEW_RECIPES: dict[str, type[nn.Module]] = {
+VIEW_RECIPES: dict[str, type[SeededViews]] = {
     "multicrop": MultiCropViews,
     "two_views": TwoViews,
 }
 
 
-def build_views(recipe: str, mean, std, **kwargs) -> nn.Module:
+def build_views(recipe: str, mean, std, **kwargs) -> SeededViews:
     """The view recipe `recipe` with `kwargs` from the training recipe's `augmentation:` section."""
     if recipe not in VIEW_RECIPES:
         raise ValueError(f"Unknown view recipe {recipe!r}; valid: {', '.join(VIEW_RECIPES)}")
@@ -226,3 +273,4 @@ def build_views(recipe: str, mean, std, **kwargs) -> nn.Module:
         raise ValueError(f"Unknown augmentation key(s) {unknown} for view recipe {recipe!r}{hints}; "
                          f"valid keys: {valid}")
     return cls(mean=tuple(mean), std=tuple(std), **kwargs)
+

@@ -2,7 +2,11 @@
 import pytest
 import torch
 
-from hf_ssl.augment import build_views
+from hf_ssl.augment import (
+    SeededViews,
+    build_views,
+    byol_crop_pipeline,
+)
 
 
 def multicrop(**kwargs):
@@ -93,3 +97,54 @@ def test_views_are_bit_identical_to_the_pinned_ones():
         for label, out in ((name, views(images, seed=123)),
                            (f"{name} rows 1:3 of 4", views(images[1:3], seed=123, offset=1, total=4))):
             assert {key: value.double().sum().item() for key, value in out.items()} == PINNED_VIEW_SUMS[label], label
+        # the batch dict the data loader yields gives the same views; keys the recipe does not read are ignored
+        batch = {"pixel_values": images, "labels": torch.arange(4), "bad_images": []}
+        assert {key: value.double().sum().item() for key, value in views(batch, seed=123).items()} == \
+            PINNED_VIEW_SUMS[name]
+
+
+def test_recipes_declare_their_outputs_and_inputs():
+    assert multicrop().output_names() == ("global_crops", "local_crops")
+    assert multicrop(num_local_crops=0).output_names() == ("global_crops",)
+    assert build_views("two_views", (0.5,) * 3, (0.5,) * 3).output_names() == ("view_1", "view_2")
+    assert multicrop().input_names == ("pixel_values",)
+
+
+class MaskedViews(SeededViews):
+    """A RELICv2-like recipe: the foreground mask is applied before the augmentation."""
+
+    input_names = ("pixel_values", "mask")
+
+    def __init__(self, outputs=("view",)):
+        super().__init__()
+        self.outputs = outputs
+        self.pipeline = byol_crop_pipeline(8, (0.5, 1.0), 0.0, 0.0, 0.8, 0.2, 0.5, (0.5,) * 3, (0.5,) * 3)
+
+    def output_names(self):
+        return ("view",)
+
+    def make_views(self, batch):
+        self.seen = batch
+        return dict.fromkeys(self.outputs, self.augment(self.pipeline, batch["pixel_values"] * batch["mask"]))
+
+
+def test_views_read_extra_batch_keys_scaled_to_unit_range():
+    images = torch.full((3, 3, 16, 16), 255, dtype=torch.uint8)
+    mask = torch.zeros(3, 1, 16, 16, dtype=torch.uint8)
+    mask[..., 8:] = 255
+    views = MaskedViews()
+    out = views({"pixel_values": images, "mask": mask, "labels": torch.arange(3)}, seed=0)
+    assert set(views.seen) == {"pixel_values", "mask"}  # only what the recipe reads
+    assert views.seen["mask"].dtype == torch.float32 and set(views.seen["mask"].unique().tolist()) == {0.0, 1.0}
+    assert out["view"].shape == (3, 3, 8, 8)
+
+    with pytest.raises(ValueError, match=r"MaskedViews reads batch key\(s\) \['mask'\], not in the batch"):
+        views(images, seed=0)
+    with pytest.raises(ValueError, match=r"batch\['mask'\] must be a uint8 image batch"):
+        views({"pixel_values": images, "mask": mask.float()}, seed=0)
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        views({"pixel_values": images, "mask": mask[:2]}, seed=0)
+    with pytest.raises(RuntimeError, match=r"returned \['other'\] but output_names\(\) declares \['view'\]"):
+        MaskedViews(outputs=("other",))({"pixel_values": images, "mask": mask}, seed=0)
+    with pytest.raises(RuntimeError, match="call it from make_views"):
+        views.augment(views.pipeline, images.float())
