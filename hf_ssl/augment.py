@@ -99,6 +99,43 @@ def slice_parameters(params: dict[str, torch.Tensor], total: int, start: int, st
     return sliced
 
 
+def patch_grid_shape(height: int, width: int, patch_size: int, stride: int) -> tuple[int, int]:
+    """(rows, columns) of the `patch_size` patches `stride` apart that tile a `height x width` image exactly; a
+    ValueError says by how much the sizes miss, rather than dropping the pixels that no patch covers."""
+    for name, value in (("patch_size", patch_size), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    shape = []
+    for side, length in (("height", height), ("width", width)):
+        if length < patch_size or (length - patch_size) % stride:
+            raise ValueError(f"patches of {patch_size} px, {stride} px apart, do not tile an image {side} of {length} "
+                             f"px exactly (the {side} must be {patch_size} + a multiple of {stride})")
+        shape.append((length - patch_size) // stride + 1)
+    return shape[0], shape[1]
+
+
+def patch_grid(images: torch.Tensor, patch_size: int, stride: int) -> torch.Tensor:
+    """`[B, C, H, W]` -> `[B * rows * columns, C, patch_size, patch_size]`: the (overlapping when `stride <
+    patch_size`) grid of square patches of every image (CPC v2), image-major and row-major within an image, so that
+    `SeededViews.augment(pipeline, patches, rows_per_image=rows * columns)` augments each patch on its own."""
+    rows, columns = patch_grid_shape(images.shape[-2], images.shape[-1], patch_size, stride)
+    patches = images.unfold(2, patch_size, stride).unfold(3, patch_size, stride)  # [B, C, rows, columns, p, p]
+    return patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1], patch_size, patch_size)
+
+
+def grid_crops(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """`[B, C, H, W]` -> `[B * grid * grid, C, H / grid, W / grid]`: every image cut into `grid x grid`
+    non-overlapping crops (Fast-MoCo), image-major and row-major within an image; H and W must divide by `grid`."""
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid must be a positive int, got {grid!r}")
+    height, width = images.shape[-2:]
+    if height % grid or width % grid:
+        raise ValueError(f"a {height}x{width} image does not split into a {grid}x{grid} grid of equal crops")
+    crop_h, crop_w = height // grid, width // grid
+    crops = images.unfold(2, crop_h, crop_h).unfold(3, crop_w, crop_w)  # [B, C, grid, grid, h, w]
+    return crops.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1], crop_h, crop_w)
+
+
 class SeededViews(nn.Module):
     """A view recipe whose every random draw comes from `seed`: `forward(batch, seed)` scales the uint8 image batches
     it reads (`input_names`) to float32 in [0, 1] and calls `make_views` with them inside a forked RNG seeded with
@@ -125,11 +162,21 @@ class SeededViews(nn.Module):
     def make_views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def augment(self, pipeline: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        """Run the kornia `pipeline` on `x`, drawing each stage's parameters for the global batch."""
+    def augment(self, pipeline: nn.Sequential, x: torch.Tensor, rows_per_image: int = 1) -> torch.Tensor:
+        """Run the kornia `pipeline` on `x`, drawing each stage's parameters for the global batch.
+
+        `x` holds `rows_per_image` consecutive rows per image of this process, image-major (e.g. the patches of
+        `patch_grid`, the crops of `grid_crops`): parameters are drawn for `total * rows_per_image` rows in the
+        one-process order and this process's rows are applied, so every row gets its own augmentation and the views
+        stay a pure function of (seed, image)."""
         if self._rows is None:
             raise RuntimeError("augment draws from the seed of a forward call: call it from make_views")
-        start, stop, total = self._rows
+        if isinstance(rows_per_image, bool) or not isinstance(rows_per_image, int) or rows_per_image < 1:
+            raise ValueError(f"rows_per_image must be a positive int, got {rows_per_image!r}")
+        start, stop, total = (rows * rows_per_image for rows in self._rows)
+        if x.shape[0] != stop - start:
+            raise ValueError(f"augment got {x.shape[0]} rows for {self._rows[1] - self._rows[0]} images x "
+                             f"rows_per_image={rows_per_image}")
         if start == 0 and stop == total:
             return pipeline(x)
         for stage in pipeline:

@@ -6,6 +6,9 @@ from hf_ssl.augment import (
     SeededViews,
     build_views,
     byol_crop_pipeline,
+    grid_crops,
+    patch_grid,
+    patch_grid_shape,
 )
 
 
@@ -148,3 +151,58 @@ def test_views_read_extra_batch_keys_scaled_to_unit_range():
         MaskedViews(outputs=("other",))({"pixel_values": images, "mask": mask}, seed=0)
     with pytest.raises(RuntimeError, match="call it from make_views"):
         views.augment(views.pipeline, images.float())
+
+
+# ----------------------------------------------------------------------------------------- per-patch views
+
+
+def test_patch_grid_and_grid_crops_are_image_major_and_row_major():
+    images = torch.arange(2 * 6 * 6).reshape(2, 1, 6, 6)
+    crops = grid_crops(images, 2)
+    assert crops.shape == (8, 1, 3, 3)
+    assert torch.equal(crops[1, 0], images[0, 0, :3, 3:]) and torch.equal(crops[2, 0], images[0, 0, 3:, :3])
+    assert torch.equal(crops[4, 0], images[1, 0, :3, :3])
+    patches = patch_grid(images, 4, 2)
+    assert patch_grid_shape(6, 6, 4, 2) == (2, 2) and patches.shape == (8, 1, 4, 4)
+    assert torch.equal(patches[1, 0], images[0, 0, :4, 2:]) and torch.equal(patches[7, 0], images[1, 0, 2:, 2:])
+    assert torch.equal(patch_grid(images, 3, 3), grid_crops(images, 2))
+
+    with pytest.raises(ValueError, match="does not split into a 4x4 grid"):
+        grid_crops(images, 4)
+    with pytest.raises(ValueError, match=r"patches of 4 px, 3 px apart, do not tile an image height of 6 px"):
+        patch_grid(images, 4, 3)
+
+
+class PerPatchViews(SeededViews):
+    """A CPC-v2-like recipe: every image cut into overlapping patches, each patch augmented on its own."""
+
+    def __init__(self, cut):
+        super().__init__()
+        self.cut = cut
+        self.pipeline = byol_crop_pipeline(6, (0.5, 1.0), 0.5, 0.2, 0.8, 0.2, 0.5, (0.5,) * 3, (0.5,) * 3)
+
+    def output_names(self):
+        return ("patches",)
+
+    def make_views(self, batch):
+        x = batch["pixel_values"]
+        patches = self.cut(x)
+        return {"patches": self.augment(self.pipeline, patches, rows_per_image=patches.shape[0] // x.shape[0])}
+
+
+@pytest.mark.parametrize("cut, per_image", [(lambda x: patch_grid(x, 8, 4), 9), (lambda x: grid_crops(x, 2), 4)],
+                         ids=["patch_grid", "grid_crops"])
+def test_per_patch_views_are_a_function_of_the_image_not_of_the_process_split(cut, per_image):
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    views = PerPatchViews(cut)
+    whole = views(images, seed=7)["patches"]
+    assert whole.shape == (6 * per_image, 3, 6, 6)
+    # two processes holding images 0:2 and 2:6 of the global batch produce its rows
+    parts = [views(images[a:b], seed=7, offset=a, total=6)["patches"] for a, b in ((0, 2), (2, 6))]
+    assert torch.equal(torch.cat(parts), whole)
+    # every patch has its own augmentation: the patches of a flat image come out different
+    flat = views(torch.full((2, 3, 16, 16), 128, dtype=torch.uint8), seed=7)["patches"]
+    assert not torch.equal(flat[0], flat[1])
+    with pytest.raises(ValueError, match=r"augment got 7 rows for 2 images x rows_per_image=3"):
+        views.cut = lambda x: torch.zeros(7, 3, 16, 16)
+        views(images[:2], seed=7, offset=0, total=6)
