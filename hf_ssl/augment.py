@@ -321,3 +321,41 @@ def build_views(recipe: str, mean, std, **kwargs) -> SeededViews:
                          f"valid keys: {valid}")
     return cls(mean=tuple(mean), std=tuple(std), **kwargs)
 
+
+def check_views_match_forward(views: SeededViews, forward, schedule_names=()) -> None:
+    """ValueError naming the mismatch when `forward(**views(...), **schedule_values)` would fail: found when a run is
+    set up instead of at its first step. `forward` may be the unbound `XForPreTraining.forward`; `return_dict` is
+    ignored; `schedule_names` are the keys of the model's `schedule_values`."""
+    parameters = list(inspect.signature(forward).parameters.values())
+    if parameters and parameters[0].name == "self":
+        parameters = parameters[1:]
+    recipe, target = type(views).__name__, getattr(forward, "__qualname__", repr(forward))
+    produced, schedule = tuple(views.output_names()), tuple(schedule_names)
+    twice = sorted(set(produced) & set(schedule))
+    if twice:
+        raise ValueError(f"view recipe {recipe} produces {twice}, which are also schedule values: {target} would get "
+                         "them twice")
+    keywords = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        for what, names in ((f"view recipe {recipe} produces", produced), ("the schedule values include", schedule)):
+            unknown = [name for name in names if name not in keywords]
+            if unknown:
+                raise ValueError(f"{what} {unknown}, which {target} does not take (it takes "
+                                 f"{[name for name in keywords if name != 'return_dict']})")
+    provided = {*produced, *schedule, "return_dict"}
+    required = [p.name for p in parameters if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [name for name in required if name not in provided]
+    if missing:
+        raise ValueError(f"{target} requires {missing}, which neither view recipe {recipe} (it produces "
+                         f"{list(produced)}) nor the schedule values ({list(schedule)}) provide")
+
+
+def check_input_columns_cover_views(views: SeededViews, input_columns: dict[str, str]) -> None:
+    """ValueError when the view recipe reads a batch key that neither the image (`pixel_values`) nor the model's
+    `input_columns()` put in the batch: found when a run is set up instead of at its first step."""
+    missing = [name for name in views.input_names if name != "pixel_values" and name not in input_columns]
+    if missing:
+        raise ValueError(f"view recipe {type(views).__name__} reads batch key(s) {missing}, which the model's "
+                         f"input_columns() {dict(input_columns)} do not provide: the method must map each to a dataset "
+                         "column")

@@ -2,10 +2,13 @@
 import pytest
 import torch
 
+import modeling
 from hf_ssl.augment import (
     SeededViews,
     build_views,
     byol_crop_pipeline,
+    check_input_columns_cover_views,
+    check_views_match_forward,
     grid_crops,
     patch_grid,
     patch_grid_shape,
@@ -206,3 +209,55 @@ def test_per_patch_views_are_a_function_of_the_image_not_of_the_process_split(cu
     with pytest.raises(ValueError, match=r"augment got 7 rows for 2 images x rows_per_image=3"):
         views.cut = lambda x: torch.zeros(7, 3, 16, 16)
         views(images[:2], seed=7, offset=0, total=6)
+
+
+# ----------------------------------------------------------------------------------- views match forward
+
+
+def test_check_views_match_forward_with_the_real_models():
+    dino, moco = modeling.METHODS["dino"].model_class.forward, modeling.METHODS["moco"].model_class.forward
+    check_views_match_forward(multicrop(), dino, ("teacher_temperature",))
+    check_views_match_forward(multicrop(num_local_crops=0), dino, ())  # local_crops and the temperature default
+    check_views_match_forward(build_views("two_views", (0.5,) * 3, (0.5,) * 3), moco, ())
+    with pytest.raises(ValueError, match=r"TwoViews produces \['view_1', 'view_2'\], which "
+                                         r"DinoForPreTraining.forward does not take"):
+        check_views_match_forward(build_views("two_views", (0.5,) * 3, (0.5,) * 3), dino, ())
+    with pytest.raises(ValueError, match=r"MultiCropViews produces \['global_crops', 'local_crops'\], which "
+                                         r"MocoForPreTraining.forward does not take \(it takes \['view_1', 'view_2'\]\)"):
+        check_views_match_forward(multicrop(), moco, ())
+    with pytest.raises(ValueError, match=r"schedule values include \['teacher_temperature'\], which "
+                                         "MocoForPreTraining.forward does not take"):
+        check_views_match_forward(build_views("two_views", (0.5,) * 3, (0.5,) * 3), moco, ("teacher_temperature",))
+
+
+def test_check_views_match_forward_with_dummy_forwards():
+    views = MaskedViews()  # produces "view"
+
+    def needs_a_scale(view, scale, return_dict=True):
+        pass
+
+    def needs_more(view, other, *, temperature, momentum=0.9):
+        pass
+
+    def takes_anything(view, **kwargs):
+        pass
+
+    check_views_match_forward(views, needs_a_scale, ("scale",))
+    check_views_match_forward(views, takes_anything, ("scale", "temperature"))
+    with pytest.raises(ValueError, match=r"needs_a_scale requires \['scale'\], which neither view recipe MaskedViews "
+                                         r"\(it produces \['view'\]\) nor the schedule values \(\[\]\) provide"):
+        check_views_match_forward(views, needs_a_scale, ())
+    with pytest.raises(ValueError, match=r"requires \['other', 'temperature'\]"):
+        check_views_match_forward(views, needs_more, ())
+    with pytest.raises(ValueError, match=r"produces \['view'\], which are also schedule values"):
+        check_views_match_forward(views, takes_anything, ("view",))
+    with pytest.raises(ValueError, match=r"produces \['view'\], which .*lambda.* does not take"):
+        check_views_match_forward(views, lambda images: None, ())
+
+
+def test_input_columns_must_cover_what_the_views_read():
+    check_input_columns_cover_views(multicrop(), {})
+    check_input_columns_cover_views(MaskedViews(), {"mask": "foreground"})
+    with pytest.raises(ValueError, match=r"MaskedViews reads batch key\(s\) \['mask'\], which the model's "
+                                         r"input_columns\(\) \{\} do not provide"):
+        check_input_columns_cover_views(MaskedViews(), {})
