@@ -261,3 +261,34 @@ def test_input_columns_must_cover_what_the_views_read():
     with pytest.raises(ValueError, match=r"MaskedViews reads batch key\(s\) \['mask'\], which the model's "
                                          r"input_columns\(\) \{\} do not provide"):
         check_input_columns_cover_views(MaskedViews(), {})
+
+
+def test_a_mask_column_reaches_the_views_through_the_data_loader():
+    import io
+
+    import datasets
+    import numpy as np
+    import PIL.Image
+
+    from hf_ssl.data import ImageDecoder, build_dataloader
+
+    def png(array):
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(array).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    rng = np.random.default_rng(0)
+    images = [png(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)) for _ in range(4)]
+    masks = [png(np.full((16, 20), 255 * (i % 2), dtype=np.uint8)) for i in range(4)]
+    dataset = datasets.Dataset.from_dict({"image": images, "fg": masks}, features=datasets.Features(
+        {"image": datasets.Image(decode=False), "fg": datasets.Image(decode=False)}))
+    input_columns = {"mask": "fg"}  # what a RELICv2-like model's input_columns() would return
+    views = MaskedViews()
+    check_input_columns_cover_views(views, input_columns)
+    loader = build_dataloader(dataset, ImageDecoder("image", 16, extra_columns=input_columns), 4, shuffle=False,
+                              seed=0, num_workers=0)
+    batch = next(iter(loader))
+    out = views(batch, seed=0)
+    assert views.seen["mask"][:, 0, 0, 0].tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert (out["view"][0::2] == -1.0).all()  # masked to black, then normalised with mean = std = 0.5
+    assert not (out["view"][1::2] == -1.0).all()
