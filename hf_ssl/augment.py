@@ -100,8 +100,8 @@ def slice_parameters(params: dict[str, torch.Tensor], total: int, start: int, st
 
 
 def patch_grid_shape(height: int, width: int, patch_size: int, stride: int) -> tuple[int, int]:
-    """(rows, columns) of the `patch_size` patches `stride` apart that tile a `height x width` image exactly; a
-    ValueError says by how much the sizes miss, rather than dropping the pixels that no patch covers."""
+    """(rows, columns) of the `patch_size` patches `stride` apart that tile a `height x width` image exactly; other
+    sizes are a ValueError saying which would tile, rather than pixels silently left out of every patch."""
     for name, value in (("patch_size", patch_size), ("stride", stride)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -118,7 +118,7 @@ def patch_grid(images: torch.Tensor, patch_size: int, stride: int) -> torch.Tens
     """`[B, C, H, W]` -> `[B * rows * columns, C, patch_size, patch_size]`: the (overlapping when `stride <
     patch_size`) grid of square patches of every image (CPC v2), image-major and row-major within an image, so that
     `SeededViews.augment(pipeline, patches, rows_per_image=rows * columns)` augments each patch on its own."""
-    rows, columns = patch_grid_shape(images.shape[-2], images.shape[-1], patch_size, stride)
+    patch_grid_shape(images.shape[-2], images.shape[-1], patch_size, stride)  # the grid tiles the image exactly
     patches = images.unfold(2, patch_size, stride).unfold(3, patch_size, stride)  # [B, C, rows, columns, p, p]
     return patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1], patch_size, patch_size)
 
