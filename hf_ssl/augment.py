@@ -1,9 +1,11 @@
 """Batched, on-device view generation (kornia), one named recipe per kind of view a method needs.
 
-A view recipe is an `nn.Module` called as `views(images, seed)`: `images` is the uint8 `[B, 3, H, W]` batch
-straight from the data loader (already on the training device), `seed` fixes every random draw of the call,
-so that the same step gets the same views after a resume. It returns the keyword arguments of the method's
-`forward`. Methods name their recipe in the registry (`modeling.METHODS[...].views`).
+A view recipe is an `nn.Module` called as `views(batch, seed)`: `batch` is the data loader's batch dict (already on
+the training device), of which the recipe reads the uint8 image batches named by its `input_names` (`pixel_values`,
+`[B, 3, H, W]`, plus extra columns such as a foreground mask `[B, 1, H, W]`, see `data.ImageDecoder`); `seed` fixes
+every random draw of the call, so that the same step gets the same views after a resume. It returns the keyword
+arguments of the method's `forward`, named by its `output_names()`; `check_views_match_forward` compares the two when
+a run is set up. Methods name their recipe in the registry (`modeling.METHODS[...].views`).
 """
 import difflib
 import inspect
@@ -97,47 +99,131 @@ def slice_parameters(params: dict[str, torch.Tensor], total: int, start: int, st
     return sliced
 
 
-class SeededViews(nn.Module):
-    """A view recipe whose every random draw comes from `seed`: `forward(images, seed)` scales the uint8 batch to
-    [0, 1] and calls `make_views` inside a forked RNG seeded with `seed` (the global RNG is left untouched).
+def patch_grid_shape(height: int, width: int, patch_size: int, stride: int) -> tuple[int, int]:
+    """(rows, columns) of the `patch_size` patches `stride` apart that tile a `height x width` image exactly; other
+    sizes are a ValueError saying which would tile, rather than pixels silently left out of every patch."""
+    for name, value in (("patch_size", patch_size), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    shape = []
+    for side, length in (("height", height), ("width", width)):
+        if length < patch_size or (length - patch_size) % stride:
+            raise ValueError(f"patches of {patch_size} px, {stride} px apart, do not tile an image {side} of {length} "
+                             f"px exactly (the {side} must be {patch_size} + a multiple of {stride})")
+        shape.append((length - patch_size) // stride + 1)
+    return shape[0], shape[1]
 
-    Global-batch augmentation: `forward(images, seed, offset=o, total=n)` treats `images` as rows `o:o+len(images)`
-    of a global batch of `n` images (spread over processes). Every augmentation's random parameters are drawn for
-    all `n` rows, in the same order as for one process holding the whole batch, and only this process's rows are
-    applied. So the views of an image depend on (seed, its row in the global batch), never on the number of
+
+def patch_grid(images: torch.Tensor, patch_size: int, stride: int) -> torch.Tensor:
+    """`[B, C, H, W]` -> `[B * rows * columns, C, patch_size, patch_size]`: the (overlapping when `stride <
+    patch_size`) grid of square patches of every image (CPC v2), image-major and row-major within an image, so that
+    `SeededViews.augment(pipeline, patches, rows_per_image=rows * columns)` augments each patch on its own."""
+    patch_grid_shape(images.shape[-2], images.shape[-1], patch_size, stride)  # the grid tiles the image exactly
+    patches = images.unfold(2, patch_size, stride).unfold(3, patch_size, stride)  # [B, C, rows, columns, p, p]
+    return patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1], patch_size, patch_size)
+
+
+def grid_crops(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """`[B, C, H, W]` -> `[B * grid * grid, C, H / grid, W / grid]`: every image cut into `grid x grid`
+    non-overlapping crops (Fast-MoCo), image-major and row-major within an image; H and W must divide by `grid`."""
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid must be a positive int, got {grid!r}")
+    height, width = images.shape[-2:]
+    if height % grid or width % grid:
+        raise ValueError(f"a {height}x{width} image does not split into a {grid}x{grid} grid of equal crops")
+    crop_h, crop_w = height // grid, width // grid
+    crops = images.unfold(2, crop_h, crop_h).unfold(3, crop_w, crop_w)  # [B, C, grid, grid, h, w]
+    return crops.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1], crop_h, crop_w)
+
+
+class SeededViews(nn.Module):
+    """A view recipe whose every random draw comes from `seed`: `forward(batch, seed)` scales the uint8 image batches
+    it reads (`input_names`) to float32 in [0, 1] and calls `make_views` with them inside a forked RNG seeded with
+    `seed` (the global RNG is left untouched). Extra columns such as masks are scaled too, so that the same kornia
+    stages can resample them (a resampled mask edge is a soft weight in [0, 1]); a recipe thresholds them if it needs
+    hard masks. `batch` may also be a bare uint8 tensor, taken as `{"pixel_values": batch}`.
+
+    Global-batch augmentation: `forward(batch, seed, offset=o, total=n)` treats the batch as images `o:o+B` of a
+    global batch of `n` images (spread over processes). Every augmentation's random parameters are drawn for all `n`
+    images, in the same order as for one process holding the whole batch, and only this process's rows are applied
+    (`augment`). So the views of an image depend on (seed, its row in the global batch), never on the number of
     processes: W processes produce exactly the rows of the one-process views.
     """
 
-    _rows: tuple[int, int, int] | None = None  # (offset, stop, total) during a sliced forward
+    # Batch keys `make_views` reads (each a uint8 image batch); a recipe that also reads e.g. a mask extends it.
+    input_names: tuple[str, ...] = ("pixel_values",)
 
-    def make_views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    _rows: tuple[int, int, int] | None = None  # (offset, stop, total) of this process's images during forward
+
+    def output_names(self) -> tuple[str, ...]:
+        """The keyword arguments of `forward` this recipe returns, as set up (checked against the model's forward)."""
         raise NotImplementedError
 
-    def augment(self, pipeline: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        """Run the kornia `pipeline` on `x`, drawing each stage's parameters for the global batch."""
+    def make_views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def augment(self, pipeline: nn.Sequential, x: torch.Tensor, rows_per_image: int = 1) -> torch.Tensor:
+        """Run the kornia `pipeline` on `x`, drawing each stage's parameters for the global batch.
+
+        `x` holds `rows_per_image` consecutive rows per image of this process, image-major (e.g. the patches of
+        `patch_grid`, the crops of `grid_crops`): parameters are drawn for `total * rows_per_image` rows in the
+        one-process order and this process's rows are applied, so every row gets its own augmentation and the views
+        stay a pure function of (seed, image)."""
         if self._rows is None:
+            raise RuntimeError("augment draws from the seed of a forward call: call it from make_views")
+        if isinstance(rows_per_image, bool) or not isinstance(rows_per_image, int) or rows_per_image < 1:
+            raise ValueError(f"rows_per_image must be a positive int, got {rows_per_image!r}")
+        start, stop, total = (rows * rows_per_image for rows in self._rows)
+        if x.shape[0] != stop - start:
+            raise ValueError(f"augment got {x.shape[0]} rows for {self._rows[1] - self._rows[0]} images x "
+                             f"rows_per_image={rows_per_image}")
+        if start == 0 and stop == total:
             return pipeline(x)
-        start, stop, total = self._rows
         for stage in pipeline:
             params = stage.forward_parameters(torch.Size((total, *x.shape[1:])))
             x = stage(x, params=slice_parameters(params, total, start, stop, x.shape))
         return x
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, seed: int, offset: int = 0, total: int | None = None
-                ) -> dict[str, torch.Tensor]:
-        total = images.shape[0] if total is None else total
-        if not 0 <= offset <= offset + images.shape[0] <= total:
-            raise ValueError(f"rows {offset}:{offset + images.shape[0]} are not inside a global batch of {total}")
-        devices = [images.device] if images.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=images.device.type):
+    def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor, seed: int, offset: int = 0,
+                total: int | None = None) -> dict[str, torch.Tensor]:
+        inputs = self._scaled_inputs({"pixel_values": batch} if torch.is_tensor(batch) else batch)
+        size = next(iter(inputs.values())).shape[0]
+        total = size if total is None else total
+        if not 0 <= offset <= offset + size <= total:
+            raise ValueError(f"rows {offset}:{offset + size} are not inside a global batch of {total}")
+        device = next(iter(inputs.values())).device
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=device.type):
             torch.manual_seed(seed)
-            self._rows = None if (offset == 0 and total == images.shape[0]) else (offset, offset + images.shape[0],
-                                                                                    total)
+            self._rows = (offset, offset + size, total)
             try:
-                return self.make_views(images.float().div_(255))
+                views = self.make_views(inputs)
             finally:
                 self._rows = None
+        if set(views) != set(self.output_names()):
+            raise RuntimeError(f"{type(self).__name__}.make_views returned {sorted(views)} but output_names() declares "
+                               f"{sorted(self.output_names())}")
+        return views
+
+    def _scaled_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The uint8 image batches named by `input_names`, as float32 in [0, 1]; a missing or odd one is named."""
+        missing = [name for name in self.input_names if name not in batch]
+        if missing:
+            raise ValueError(f"{type(self).__name__} reads batch key(s) {missing}, not in the batch (keys: "
+                             f"{sorted(batch)}); the model's input_columns() must ask the data loader for them")
+        inputs = {}
+        for name in self.input_names:
+            value = batch[name]
+            if not torch.is_tensor(value) or value.dtype != torch.uint8 or value.dim() != 4:
+                raise ValueError(f"batch[{name!r}] must be a uint8 image batch [B, C, H, W], got "
+                                 f"{getattr(value, 'dtype', type(value).__name__)} of shape "
+                                 f"{tuple(getattr(value, 'shape', ()))}")
+            inputs[name] = value.float().div_(255)
+        sizes = {name: value.shape[0] for name, value in inputs.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"the batch's images and extra columns have different numbers of rows: {sizes}")
+        return inputs
 
 
 class MultiCropViews(SeededViews):
@@ -176,7 +262,11 @@ class MultiCropViews(SeededViews):
             byol_crop_pipeline(local_crop_size, local_crop_scale, local_blur_p, 0.0, **common)
             for _ in range(num_local_crops))
 
-    def make_views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def output_names(self) -> tuple[str, ...]:
+        return ("global_crops", "local_crops") if len(self.local_crops) else ("global_crops",)
+
+    def make_views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = batch["pixel_values"]
         views = {"global_crops": torch.cat([self.augment(crop, x) for crop in self.global_crops])}
         if len(self.local_crops):
             views["local_crops"] = torch.cat([self.augment(crop, x) for crop in self.local_crops])
@@ -203,17 +293,21 @@ class TwoViews(SeededViews):
         self.views = nn.ModuleList(byol_crop_pipeline(crop_size, crop_scale, blur, solarize, **common)
                                    for blur, solarize in zip(blur_p, solarize_p))
 
-    def make_views(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def output_names(self) -> tuple[str, ...]:
+        return ("view_1", "view_2")
+
+    def make_views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = batch["pixel_values"]
         return {"view_1": self.augment(self.views[0], x), "view_2": self.augment(self.views[1], x)}
 
 
-VIEW_RECIPES: dict[str, type[nn.Module]] = {
+VIEW_RECIPES: dict[str, type[SeededViews]] = {
     "multicrop": MultiCropViews,
     "two_views": TwoViews,
 }
 
 
-def build_views(recipe: str, mean, std, **kwargs) -> nn.Module:
+def build_views(recipe: str, mean, std, **kwargs) -> SeededViews:
     """The view recipe `recipe` with `kwargs` from the training recipe's `augmentation:` section."""
     if recipe not in VIEW_RECIPES:
         raise ValueError(f"Unknown view recipe {recipe!r}; valid: {', '.join(VIEW_RECIPES)}")
@@ -226,3 +320,42 @@ def build_views(recipe: str, mean, std, **kwargs) -> nn.Module:
         raise ValueError(f"Unknown augmentation key(s) {unknown} for view recipe {recipe!r}{hints}; "
                          f"valid keys: {valid}")
     return cls(mean=tuple(mean), std=tuple(std), **kwargs)
+
+
+def check_views_match_forward(views: SeededViews, forward, schedule_names=()) -> None:
+    """ValueError naming the mismatch when `forward(**views(...), **schedule_values)` would fail: found when a run is
+    set up instead of at its first step. `forward` may be the unbound `XForPreTraining.forward`; `return_dict` is
+    ignored; `schedule_names` are the keys of the model's `schedule_values`."""
+    parameters = list(inspect.signature(forward).parameters.values())
+    if parameters and parameters[0].name == "self":
+        parameters = parameters[1:]
+    recipe, target = type(views).__name__, getattr(forward, "__qualname__", repr(forward))
+    produced, schedule = tuple(views.output_names()), tuple(schedule_names)
+    twice = sorted(set(produced) & set(schedule))
+    if twice:
+        raise ValueError(f"view recipe {recipe} produces {twice}, which are also schedule values: {target} would get "
+                         "them twice")
+    keywords = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        for what, names in ((f"view recipe {recipe} produces", produced), ("the schedule values include", schedule)):
+            unknown = [name for name in names if name not in keywords]
+            if unknown:
+                raise ValueError(f"{what} {unknown}, which {target} does not take (it takes "
+                                 f"{[name for name in keywords if name != 'return_dict']})")
+    provided = {*produced, *schedule, "return_dict"}
+    required = [p.name for p in parameters if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [name for name in required if name not in provided]
+    if missing:
+        raise ValueError(f"{target} requires {missing}, which neither view recipe {recipe} (it produces "
+                         f"{list(produced)}) nor the schedule values ({list(schedule)}) provide")
+
+
+def check_input_columns_cover_views(views: SeededViews, input_columns: dict[str, str]) -> None:
+    """ValueError when the view recipe reads a batch key that neither the image (`pixel_values`) nor the model's
+    `input_columns()` put in the batch: found when a run is set up instead of at its first step."""
+    missing = [name for name in views.input_names if name != "pixel_values" and name not in input_columns]
+    if missing:
+        raise ValueError(f"view recipe {type(views).__name__} reads batch key(s) {missing}, which the model's "
+                         f"input_columns() {dict(input_columns)} do not provide: the method must map each to a dataset "
+                         "column")

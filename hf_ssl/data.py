@@ -7,8 +7,9 @@ The pipeline is split so that the expensive parts run where they belong:
   decodes an image: the column is cast to ``Image(decode=False)``, so rows carry encoded bytes or a
   file path.
 * :class:`ImageDecoder` is the DataLoader ``collate_fn``: it decodes, fixes orientation and colour
-  mode, resizes and center-crops on the CPU workers and returns a ``uint8`` batch. Augmentation
-  happens later, on the accelerator. Unreadable images are either an error naming the row/file or
+  mode, resizes and center-crops on the CPU workers and returns a ``uint8`` batch, with any extra
+  image columns a method's views need (a foreground mask) decoded alike so that their pixels line
+  up. Augmentation happens later, on the accelerator. Unreadable images are either an error naming the row/file or
   are skipped and reported in the batch (``"bad_images"``).
 * :func:`build_dataloader` wires both into a reproducible ``torch.utils.data.DataLoader``.
 
@@ -30,6 +31,7 @@ import tempfile
 import urllib.request
 import warnings
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,7 @@ def load_image_dataset(
     image_column: str | None = None,
     streaming: bool = False,
     cache_dir: str | None = None,
+    extra_columns: Iterable[str] = (),
 ) -> tuple[datasets.Dataset | datasets.IterableDataset, str]:
     """Open an image dataset and return ``(dataset, image_column)``.
 
@@ -117,14 +120,18 @@ def load_image_dataset(
             turned into an iterable dataset with many shards, so that ``split_dataset_by_node``
             and DataLoader workers can share them out (a streamed image folder has one shard).
         cache_dir: 🤗 datasets cache directory (for ``fashion_mnist``: see :func:`fashion_mnist`).
+        extra_columns: more image columns the views need (the values of a model's
+            ``input_columns()``, e.g. a foreground mask), checked here so that a missing one fails
+            before training. Each must be an ``Image`` column or hold encoded bytes or file paths.
 
-    The image column is cast to ``Image(decode=False)``: rows hold ``{"bytes", "path"}`` and
-    decoding happens in :class:`ImageDecoder`, on the DataLoader workers.
+    The image column and the ``Image`` extra columns are cast to ``Image(decode=False)``: rows hold
+    ``{"bytes", "path"}`` and decoding happens in :class:`ImageDecoder`, on the DataLoader workers.
 
     Raises:
         DataError: the dataset cannot be found or opened, the split does not exist (the message
             lists the available ones), there is no Image column (the message lists the columns),
-            the requested image column is missing, or the split is empty.
+            the requested image column or an extra column is missing or holds no images, or the
+            split is empty.
     """
     if name_or_path == "fashion_mnist":
         dataset = fashion_mnist(split, cache_dir=cache_dir)
@@ -144,7 +151,10 @@ def load_image_dataset(
             dataset._split = datasets.NamedSplit(split)
 
     image_column = _image_column_of(dataset, image_column, name_or_path, split)
-    return dataset.cast_column(image_column, datasets.Image(decode=False)), image_column
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    for column in _extra_image_columns(dataset, extra_columns, name_or_path, split):
+        dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset, image_column
 
 
 def num_examples(dataset: datasets.Dataset | datasets.IterableDataset) -> int | None:
@@ -298,6 +308,33 @@ def _image_column_of(
         f"{ {column: type(feature).__name__ for column, feature in features.items()} }. "
         "Pass image_column to name the one holding the images."
     )
+
+
+# Features an extra image column may have: decoded images, or the encoded bytes / file paths ImageDecoder opens.
+_ENCODED_IMAGE_DTYPES = ("binary", "large_binary", "string", "large_string")
+
+
+def _extra_image_columns(
+    dataset: datasets.Dataset | datasets.IterableDataset, columns: Iterable[str], name: str, split: str
+) -> list[str]:
+    """The extra columns that are ``Image`` features (to cast undecoded), after checking that all exist and hold images."""
+    features = dataset.features
+    image_columns = []
+    for column in columns:
+        if column not in features:
+            raise DataError(
+                f"Column {column!r} (an extra image column the model's views need) not found in dataset {name!r} "
+                f"(split {split!r}); the columns are {list(features)}."
+            )
+        feature = features[column]
+        if isinstance(feature, datasets.Image):
+            image_columns.append(column)
+        elif not (isinstance(feature, datasets.Value) and feature.dtype in _ENCODED_IMAGE_DTYPES):
+            raise DataError(
+                f"Column {column!r} of dataset {name!r} (split {split!r}) is a {feature!r} column; an extra image "
+                "column must be an Image column, or hold encoded image bytes or file paths."
+            )
+    return image_columns
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,13 +551,24 @@ class ImageDecoder:
     resized to ``size`` (bilinear, antialiased) and the center ``size x size`` is cropped.
 
     Returns ``{"pixel_values": uint8 [B, 3, size, size], "bad_images": list[str]}`` plus
-    ``"labels": int64 [B]`` when ``label_column`` is set.
+    ``"labels": int64 [B]`` when ``label_column`` is set, plus one ``uint8 [B, 1, size, size]``
+    tensor per entry of ``extra_columns``.
+
+    ``extra_columns`` maps batch keys to more image columns of the same rows (a model's
+    ``input_columns()``, e.g. ``{"mask": "mask"}`` for a foreground mask). Each is decoded exactly
+    like the image (EXIF orientation, the same resize and center crop), so its pixels line up with
+    the image's: it must have the image's size (after orientation), else the row is a bad image. It
+    is decoded to one 8-bit channel: mode ``L`` as stored, ``1`` as 0/255, 16/32-bit and float
+    images scaled to 8 bits like images; any other mode (RGB, palette, CMYK, ...) only when every
+    pixel is opaque and grey (R = G = B, e.g. a black and white mask saved as RGB): a colour or
+    transparent image is a bad image, since mixing its channels into one would be a guess.
 
     Valid but odd images decode normally: CMYK, RGBA, palette, 16-bit, grayscale, EXIF-rotated,
     1x1 (upscaled) and very elongated ones (e.g. 10000x10: the center square is kept).
 
     Bad images (unreadable, truncated, empty, not an image, smaller than ``min_size`` on a side,
-    more than ``max_pixels`` pixels: decompression bombs) follow ``on_bad_image``:
+    more than ``max_pixels`` pixels: decompression bombs) follow ``on_bad_image``, and so does a row
+    whose extra column fails to decode (the reason names the column):
 
     * ``"error"``: raise :class:`DataError` naming the row index and/or file and the reason;
     * ``"skip"``: leave the row out of the batch and report ``"<row/file>\\t<reason>"`` both in
@@ -534,6 +582,9 @@ class ImageDecoder:
     images above twice its limit whatever ``max_pixels`` says; such images are bad images too.
     """
 
+    # Batch keys the decoder itself fills; an extra column cannot take them.
+    RESERVED_KEYS = ("pixel_values", "labels", "bad_images")
+
     def __init__(
         self,
         image_column: str,
@@ -542,32 +593,52 @@ class ImageDecoder:
         on_bad_image: str = "error",
         min_size: int = 1,
         max_pixels: int | None = None,
+        extra_columns: dict[str, str] | None = None,
     ):
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
         if size < 1:
             raise ValueError(f"size must be a positive number of pixels, got {size}.")
+        extra_columns = dict(extra_columns or {})
+        reserved = [key for key in extra_columns if key in self.RESERVED_KEYS]
+        if reserved:
+            raise ValueError(f"extra_columns cannot use the batch key(s) {reserved}: the decoder fills "
+                             f"{list(self.RESERVED_KEYS)} itself.")
         self.image_column = image_column
         self.size = size
         self.label_column = label_column
         self.on_bad_image = on_bad_image
         self.min_size = min_size
         self.max_pixels = PIL.Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+        self.extra_columns = extra_columns
         self.bad_images: list[str] = []
 
     def __call__(self, rows: list[dict]) -> dict:
         pixels, labels, bad = [], [], []
+        extras: dict[str, list[np.ndarray]] = {key: [] for key in self.extra_columns}
         with warnings.catch_warnings():
             # Oversized images are judged by max_pixels below, not by PIL's warning.
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
             for position, row in enumerate(rows):
                 self._check_columns(row)
+                column = self.image_column  # the column being decoded, named when it fails
                 try:
-                    image = self._decode(row[self.image_column])
+                    image, image_size = self._decode(row[column], _to_rgb)
+                    row_extras = {}
+                    for key, column in self.extra_columns.items():
+                        row_extras[key], extra_size = self._decode(row[column], _to_grey)
+                        if extra_size != image_size:
+                            raise DataError(
+                                f"{extra_size[0]}x{extra_size[1]} px but the image ({self.image_column!r}) is "
+                                f"{image_size[0]}x{image_size[1]} px: they must be the same size to line up"
+                            )
+                    column = self.image_column
                     label = self._label(row)
                 except Exception as error:  # any failure to decode one image makes it a bad image
-                    where = _describe_row(row, self.image_column, position)
+                    where = _describe_row(row, column, position)
                     reason = _describe_error(error)
+                    if column != self.image_column:
+                        reason = f"column {column!r}: {reason}"
                     if self.on_bad_image == "error":
                         raise DataError(
                             f"Bad image at {where}: {reason}. Use on_bad_image='skip' to leave such images out."
@@ -576,6 +647,8 @@ class ImageDecoder:
                     continue
                 pixels.append(np.asarray(image))
                 labels.append(label)
+                for key, extra in row_extras.items():
+                    extras[key].append(np.asarray(extra))
         self.bad_images.extend(bad)
 
         if pixels:
@@ -585,11 +658,16 @@ class ImageDecoder:
         batch = {"pixel_values": pixel_values, "bad_images": bad}
         if self.label_column is not None:
             batch["labels"] = torch.tensor(labels, dtype=torch.int64)
+        for key, values in extras.items():
+            if values:
+                batch[key] = torch.from_numpy(np.stack(values)).unsqueeze(1)
+            else:
+                batch[key] = torch.empty((0, 1, self.size, self.size), dtype=torch.uint8)
         return batch
 
     def _check_columns(self, row: dict) -> None:
         """Missing columns are a configuration error, never a bad image."""
-        for column in (self.image_column, self.label_column):
+        for column in (self.image_column, self.label_column, *self.extra_columns.values()):
             if column is not None and column not in row:
                 columns = [key for key in row if key != INDEX_KEY]
                 raise DataError(f"Column {column!r} is not in the dataset rows; the columns are {columns}.")
@@ -601,8 +679,10 @@ class ImageDecoder:
             raise DataError(f"no label (empty {self.label_column!r} cell)")
         return int(row[self.label_column])
 
-    def _decode(self, value: Any) -> PIL.Image.Image:
-        """One stored image -> upright RGB ``size x size`` image; raises on a bad image."""
+    def _decode(self, value: Any, convert) -> tuple[PIL.Image.Image, tuple[int, int]]:
+        """One stored image -> (upright ``size x size`` image in ``convert``'s mode, its upright full size); raises
+        on a bad image. The full size (width, height, from the header) lets extra columns be checked against the
+        image."""
         image = _open_image(value)
         width, height = image.size
         if min(width, height) < self.min_size:
@@ -612,12 +692,17 @@ class ImageDecoder:
                 f"image too large ({width}x{height} px, more than {self.max_pixels} pixels): "
                 "a possible decompression bomb"
             )
+        # EXIF orientations 5-8 turn the picture by 90 degrees (exif_transpose below).
+        upright = (height, width) if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
         if image.format == "JPEG":
             # Let libjpeg decode at a reduced scale that still covers size x size: much faster.
             image.draft(None, (self.size, self.size))
         image.load()
         image = PIL.ImageOps.exif_transpose(image)
-        return _center_square(_to_rgb(image), self.size)
+        return _center_square(convert(image), self.size), upright
+
+
+_EXIF_ORIENTATION = 0x0112
 
 
 def _open_image(value: Any) -> PIL.Image.Image:
@@ -654,7 +739,7 @@ def _open_image(value: Any) -> PIL.Image.Image:
 def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """Convert any PIL mode to 8-bit RGB; transparency is composited on white."""
     if image.mode.startswith("I") or image.mode == "F":
-        return _high_depth_to_rgb(image)
+        return _high_depth_to_grey(image).convert("RGB")
     if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -662,7 +747,23 @@ def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _high_depth_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+def _to_grey(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Convert an extra column's image (a mask) to 8-bit grey; colour or transparency is refused, not mixed away."""
+    if image.mode == "L":
+        return image
+    if image.mode == "1":
+        return image.convert("L")
+    if image.mode.startswith("I") or image.mode == "F":
+        return _high_depth_to_grey(image)
+    rgba = np.asarray(image.convert("RGBA"))
+    if (rgba[..., 3] != 255).any():
+        raise DataError(f"a transparent image (mode {image.mode}) where a 1-channel image is expected")
+    if not (np.array_equal(rgba[..., 0], rgba[..., 1]) and np.array_equal(rgba[..., 1], rgba[..., 2])):
+        raise DataError(f"a colour image (mode {image.mode}) where a 1-channel image is expected")
+    return PIL.Image.fromarray(np.ascontiguousarray(rgba[..., 0]), mode="L")
+
+
+def _high_depth_to_grey(image: PIL.Image.Image) -> PIL.Image.Image:
     """Scale a 16/32-bit integer or float grayscale image to 8 bits (PIL's own convert would clip).
 
     Integer modes (``I;16*``, ``I``) are taken as 16-bit (0..65535); float images (``F``) as
@@ -674,7 +775,7 @@ def _high_depth_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     else:
         scale = 255.0 / 65535.0
     eight_bit = np.clip(np.rint(np.nan_to_num(values) * scale), 0, 255).astype(np.uint8)
-    return PIL.Image.fromarray(eight_bit, mode="L").convert("RGB")
+    return PIL.Image.fromarray(eight_bit, mode="L")
 
 
 def _center_square(image: PIL.Image.Image, size: int) -> PIL.Image.Image:

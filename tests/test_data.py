@@ -525,3 +525,128 @@ def test_dataloader_workers_report_bad_images_in_the_batch():
     )
     with pytest.raises(DataError, match="row 6"):
         list(strict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Extra image columns (a method's input_columns, e.g. a foreground mask)
+# ---------------------------------------------------------------------------------------------
+
+
+def grey_picture(width: int, height: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)
+
+
+def image_and_mask_row(index: int, width: int = 30, height: int = 20, mask: bytes | None = None) -> dict:
+    """An RGB picture whose three channels are one grey picture, and that grey picture as an ``L`` mask."""
+    grey = grey_picture(width, height, seed=index)
+    image = encode(PIL.Image.fromarray(np.stack([grey] * 3, axis=-1)), "PNG")
+    mask = encode(PIL.Image.fromarray(grey, mode="L"), "PNG") if mask is None else mask
+    return {"image": {"bytes": image, "path": f"images/{index}.png"},
+            "mask": {"bytes": mask, "path": f"masks/{index}.png"}, "label": index, "__index__": index}
+
+
+def test_extra_columns_decode_like_the_image_so_pixels_line_up():
+    rows = [image_and_mask_row(i) for i in range(3)]
+    batch = ImageDecoder("image", 12, label_column="label", extra_columns={"foreground": "mask"})(rows)
+
+    assert set(batch) == {"pixel_values", "labels", "bad_images", "foreground"}
+    assert batch["foreground"].dtype == torch.uint8 and batch["foreground"].shape == (3, 1, 12, 12)
+    # the same resize (30x20 -> shorter side 12) and center crop: the mask is the image's grey channel
+    assert torch.equal(batch["foreground"], batch["pixel_values"][:, :1])
+    assert batch["labels"].tolist() == [0, 1, 2]
+
+
+def test_extra_columns_modes_one_channel_as_documented():
+    def decoded_mask(mask: PIL.Image.Image, size=(16, 16)) -> np.ndarray:
+        row = image_and_mask_row(0, *size, mask=encode(mask, "PNG"))
+        return ImageDecoder("image", 16, extra_columns={"mask": "mask"})([row])["mask"][0, 0].numpy()
+
+    binary = PIL.Image.new("1", (16, 16), 0)
+    binary.paste(1, (0, 0, 8, 16))
+    assert decoded_mask(binary)[:, :8].min() == 255 and decoded_mask(binary)[:, 8:].max() == 0
+    assert (decoded_mask(PIL.Image.new("RGB", (16, 16), (90, 90, 90))) == 90).all()  # grey saved as RGB
+    assert (decoded_mask(PIL.Image.fromarray(np.full((16, 16), 65535, dtype=np.uint16))) == 255).all()  # 16-bit
+
+    decoder = ImageDecoder("image", 16, extra_columns={"mask": "mask"}, on_bad_image="skip")
+    for mask, words in ((PIL.Image.new("RGB", (16, 16), (255, 0, 0)), "colour image (mode RGB)"),
+                        (PIL.Image.new("LA", (16, 16), (255, 0)), "transparent image (mode LA)")):
+        batch = decoder([image_and_mask_row(0, 16, 16, mask=encode(mask, "PNG"))])
+        assert batch["mask"].shape == (0, 1, 16, 16) and batch["pixel_values"].shape == (0, 3, 16, 16)
+        assert f"column 'mask': a {words} where a 1-channel image is expected" in batch["bad_images"][0]
+
+
+def test_a_bad_or_missing_extra_column_makes_a_bad_image():
+    good = image_and_mask_row(0)
+    broken = image_and_mask_row(1, mask=b"junk")
+    missing = {**image_and_mask_row(2), "mask": None}
+    other_size = image_and_mask_row(3, mask=encode(PIL.Image.new("L", (15, 10)), "PNG"))
+    decoder = ImageDecoder("image", 8, label_column="label", extra_columns={"mask": "mask"}, on_bad_image="skip")
+
+    batch = decoder([good, broken, missing, other_size])
+
+    assert batch["labels"].tolist() == [0]
+    assert batch["pixel_values"].shape == (1, 3, 8, 8) and batch["mask"].shape == (1, 1, 8, 8)
+    assert decoder.bad_images == batch["bad_images"] and len(batch["bad_images"]) == 3
+    where = [entry.split("\t")[0] for entry in batch["bad_images"]]
+    reasons = [entry.split("\t")[1] for entry in batch["bad_images"]]
+    assert where == ["row 1 (masks/1.png)", "row 2", "row 3 (masks/3.png)"]
+    assert reasons[0].startswith("column 'mask': not an image file")
+    assert reasons[1] == "column 'mask': no image (empty cell)"
+    assert reasons[2] == "column 'mask': 15x10 px but the image ('image') is 30x20 px: they must be the same size to line up"
+
+    strict = ImageDecoder("image", 8, extra_columns={"mask": "mask"}, on_bad_image="error")
+    with pytest.raises(DataError, match=r"Bad image at row 1 \(masks/1\.png\): column 'mask': not an image file"):
+        strict([good, broken])
+
+
+def test_extra_column_size_is_compared_upright():
+    # the image is stored 40x20 with EXIF orientation 6: upright it is 20x40, like the mask
+    image = {"bytes": exif_rotated_jpeg(), "path": "rotated.jpg"}
+    upright = {"image": image, "mask": {"bytes": encode(PIL.Image.new("L", (20, 40), 255), "PNG"), "path": None}}
+    assert ImageDecoder("image", 8, extra_columns={"mask": "mask"})([upright])["mask"].min() == 255
+    stored = {"image": image, "mask": {"bytes": encode(PIL.Image.new("L", (40, 20)), "PNG"), "path": None}}
+    with pytest.raises(DataError, match="column 'mask': 40x20 px but the image .* is 20x40 px"):
+        ImageDecoder("image", 8, extra_columns={"mask": "mask"})([stored])
+
+
+def test_extra_columns_are_checked_before_training(tmp_path):
+    rows = [image_and_mask_row(i) for i in range(2)]
+    dataset = datasets.Dataset.from_dict(
+        {"image": [row["image"] for row in rows], "mask": [row["mask"] for row in rows], "label": [0, 1],
+         "mask_path": ["masks/0.png", "masks/1.png"]},
+        features=datasets.Features({"image": datasets.Image(), "mask": datasets.Image(), "label": datasets.Value("int64"),
+                                    "mask_path": datasets.Value("string")}),
+    )
+    dataset.save_to_disk(str(tmp_path / "masked"))
+
+    loaded, _ = load_image_dataset(str(tmp_path / "masked"), extra_columns=["mask", "mask_path"])
+    assert loaded.features["mask"] == datasets.Image(decode=False)
+    assert loaded.features["mask_path"] == datasets.Value("string")  # file paths are opened by the decoder
+    with pytest.raises(DataError, match=r"Column 'saliency' .*not found.*\['image', 'mask', 'label', 'mask_path'\]"):
+        load_image_dataset(str(tmp_path / "masked"), extra_columns=["saliency"])
+    with pytest.raises(DataError, match="Column 'label' .* must be an Image column"):
+        load_image_dataset(str(tmp_path / "masked"), extra_columns=["label"])
+
+    # rows without the column: a configuration error even when skipping bad images
+    with pytest.raises(DataError, match=r"'saliency' is not in the dataset rows"):
+        ImageDecoder("image", 8, extra_columns={"mask": "saliency"}, on_bad_image="skip")([rows[0]])
+    with pytest.raises(ValueError, match=r"cannot use the batch key\(s\) \['labels'\]"):
+        ImageDecoder("image", 8, extra_columns={"labels": "mask"})
+
+
+def test_dataloader_yields_extra_columns_with_their_rows(tmp_path):
+    rows = [image_and_mask_row(i, 8, 8) for i in range(6)]
+    dataset = datasets.Dataset.from_dict(
+        {"image": [row["image"] for row in rows], "mask": [row["mask"] for row in rows], "label": list(range(6))},
+        features=datasets.Features({"image": datasets.Image(decode=False), "mask": datasets.Image(decode=False),
+                                    "label": datasets.Value("int64")}),
+    )
+    decoder = ImageDecoder("image", 8, label_column="label", extra_columns={"mask": "mask"})
+    clone = pickle.loads(pickle.dumps(decoder))
+    assert clone.extra_columns == {"mask": "mask"}
+    loader = build_dataloader(dataset, decoder, 3, shuffle=True, seed=0, num_workers=0)
+    for batch in loader:
+        assert batch["mask"].shape == (3, 1, 8, 8)
+        assert torch.equal(batch["mask"], batch["pixel_values"][:, :1])
+        for label, mask in zip(batch["labels"].tolist(), batch["mask"]):
+            assert np.array_equal(mask[0].numpy(), grey_picture(8, 8, seed=label))
