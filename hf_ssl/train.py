@@ -41,7 +41,7 @@ from modeling.backbones import backbone_config_from_preset, build_backbone, feat
 from modeling.pretraining import SSLPreTrainedModel, TrainingProgress
 from modeling.schedules import cosine, warmup_cosine
 
-from .augment import build_views
+from .augment import build_views, check_input_columns_cover_views, check_views_match_forward
 from .checkpointing import (DATA_STATE_FILE, TrainingError, checkpoint_dirs, load_checkpoint, resolve_checkpoint,
                             save_checkpoint, supersede_after)
 from .data import DataError, ImageDecoder, build_dataloader, label_column_of, load_image_dataset, num_examples
@@ -179,7 +179,8 @@ def synchronized_batches(accelerator: Accelerator, batches, move_to_device: bool
     while True:
         batch = next(iterator, None)
         if batch is not None and move_to_device:
-            batch["pixel_values"] = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+            batch = {key: value.to(accelerator.device, non_blocking=True) if torch.is_tensor(value) else value
+                     for key, value in batch.items()}
         n = -1 if batch is None else batch["pixel_values"].shape[0]
         if accelerator.num_processes == 1:
             sizes = [n]
@@ -300,9 +301,14 @@ def setup(recipe: PretrainingRecipe) -> Run:
     except (ValueError, TypeError) as err:
         raise RecipeError(f"augmentation: {err}") from None
     views.to(accelerator.device)
+    try:  # a view recipe that does not fit the model fails here, not at the first step
+        check_views_match_forward(views, model.forward, model.schedule_values(TrainingProgress(0, 1, 1)))
+        check_input_columns_cover_views(views, model.input_columns())
+    except ValueError as err:
+        raise RecipeError(f"method {recipe.method!r}: {err}") from None
     world, accum = accelerator.num_processes, recipe.gradient_accumulation_steps
     per_device = per_device_batch_size(recipe, world)
-    loader, dataset, streaming = build_training_data(recipe, accelerator, per_device)
+    loader, dataset, streaming = build_training_data(recipe, accelerator, per_device, model.input_columns())
     if recipe.sync_batchnorm and world > 1:
         model = convert_batchnorm(model, accelerator.device)
     optimizer = build_optimizer(model, recipe)
@@ -317,14 +323,18 @@ def setup(recipe: PretrainingRecipe) -> Run:
                steps_per_epoch, total_steps, global_batch, Path(recipe.output_dir))
 
 
-def build_training_data(recipe: PretrainingRecipe, accelerator: Accelerator, per_device: int):
+def build_training_data(recipe: PretrainingRecipe, accelerator: Accelerator, per_device: int,
+                        input_columns: dict[str, str]):
     """(loader, dataset, streaming): a streamed dataset is split between the processes here; a map-style one
-    yields the global micro-batch, which accelerate (split_batches) slices per process."""
+    yields the global micro-batch, which accelerate (split_batches) slices per process. Batches hold the image and
+    the model's `input_columns`, decoded alike."""
     dataset, image_column = load_image_dataset(recipe.dataset_name, recipe.train_split,
                                                dataset_config=recipe.dataset_config,
-                                               image_column=recipe.image_column, streaming=recipe.streaming)
+                                               image_column=recipe.image_column, streaming=recipe.streaming,
+                                               extra_columns=input_columns.values())
     check_eval_data(recipe, dataset)
-    decoder = ImageDecoder(image_column, size=recipe.image_size, on_bad_image=recipe.on_bad_image)
+    decoder = ImageDecoder(image_column, size=recipe.image_size, on_bad_image=recipe.on_bad_image,
+                           extra_columns=input_columns)
     world = accelerator.num_processes
     streaming = isinstance(dataset, datasets.IterableDataset)
     if streaming:
@@ -586,7 +596,7 @@ def train(recipe: PretrainingRecipe) -> dict:
         with accelerator.accumulate(model):
             if batch["pixel_values"].shape[0] > 0:
                 # this process's rows of the views of the global micro-batch
-                views = run.views(batch["pixel_values"], view_seed(recipe.seed, state.step, state.micro),
+                views = run.views(batch, view_seed(recipe.seed, state.step, state.micro),
                                   offset=sum(sizes[:accelerator.process_index]), total=sum(sizes))
                 outputs = model(**model_inputs(views, recipe), **method_values)
                 nan_guard(run, state, outputs.loss)

@@ -2,15 +2,15 @@
 tests/tiny_methods.py: save/load round trip, Auto* registration, views that match `forward`, a loss equal to its
 logged parts, EMA/momentum only after real optimizer steps, and a skipped step that leaves no trace."""
 import copy
-import inspect
+import dataclasses
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
-from hf_ssl.augment import build_views
+from hf_ssl.augment import build_views, check_input_columns_cover_views, check_views_match_forward
 from hf_ssl.optimization import build_optimizer
-from hf_ssl.recipe import load_recipe
+from hf_ssl.recipe import RecipeError, load_recipe
 from hf_ssl.train import build_model, model_inputs, train
 from modeling import METHODS
 from modeling.pretraining import TrainingProgress
@@ -43,12 +43,17 @@ def draw_views(recipe, views, seed: int) -> dict[str, torch.Tensor]:
 
 def test_views_match_forward(tiny):
     recipe, model, views = tiny
+    check_views_match_forward(views, model.forward, model.schedule_values(PROGRESS))
+    check_input_columns_cover_views(views, model.input_columns())
     inputs = {**draw_views(recipe, views, 0), **model.schedule_values(PROGRESS)}
-    parameters = inspect.signature(model.forward).parameters
-    assert set(inputs) <= set(parameters), f"forward takes no {set(inputs) - set(parameters)}"
-    required = {n for n, p in parameters.items() if p.default is inspect.Parameter.empty}
-    assert required <= set(inputs), f"nothing provides {required - set(inputs)}"
+    assert set(inputs) == set(views.output_names()) | set(model.schedule_values(PROGRESS))
     assert torch.isfinite(model(**inputs).loss)
+
+
+def test_a_view_recipe_that_does_not_fit_forward_stops_training_before_any_step(tiny_recipe, monkeypatch):
+    monkeypatch.setitem(METHODS, "dino", dataclasses.replace(METHODS["dino"], views="two_views"))
+    with pytest.raises(RecipeError, match="method 'dino': .*view_1"):
+        train(load_recipe(None, {**load_recipe(tiny_recipe).to_dict(), "augmentation": {"crop_size": 32}}))
 
 
 def test_save_load_round_trip_through_auto_classes(tiny, tmp_path):
