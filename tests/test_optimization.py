@@ -5,7 +5,7 @@ import torch
 
 from hf_ssl.optimization import LARS, apply_schedule, build_optimizer, checked_parameter_groups
 from hf_ssl.recipe import RecipeError, load_recipe
-from hf_ssl.train import build_model, schedule_values
+from hf_ssl.train import build_model, schedule_values, train
 from modeling.pretraining import TrainingProgress, parameter_group
 
 
@@ -105,3 +105,29 @@ def test_the_loop_schedules_only_generic_values_and_the_method_its_own(repo_root
 def test_dino_keys_at_the_old_top_level_place_are_refused_naming_the_new_one(repo_root, key):
     with pytest.raises(RecipeError, match=rf"recipe key '{key}' moved to model\.{key} \(DINO's config\)"):
         load_recipe(repo_root / "recipes/dino/fashion-mnist-resnet-tiny.yaml", [f"--{key}", "0.05"])
+
+
+def test_training_with_lars_keeps_a_constant_lr_group_at_the_peak_lr(tmp_path, tiny_dataset, tiny_teacher,
+                                                                      monkeypatch):
+    """The loop sets each group's lr every step: a model's constant-lr group (here MoCo v3's predictor, as Fast-MoCo
+    will) stays at the peak lr during warmup while the others follow the schedule; LARS trains through the loop."""
+    from modeling import MocoForPreTraining
+
+    from .tiny_methods import write_tiny_recipe
+
+    def groups(self):
+        predictor = list(self.predictor.parameters())
+        rest = [p for p in self.parameters() if p.requires_grad and all(p is not q for q in predictor)]
+        return [parameter_group("encoder", rest), parameter_group("predictor", predictor, constant_lr=True)]
+
+    monkeypatch.setattr(MocoForPreTraining, "parameter_groups", groups)
+    path, overrides = write_tiny_recipe("moco-v3", tmp_path, tiny_dataset, tiny_teacher)
+    recipe = load_recipe(path, overrides + ["--optimizer", "lars", "--max_steps", "2", "--warmup_epochs", "1",
+                                            "--checkpointing_steps", "2", "--do_eval", "false"])
+    train(recipe)
+    state = torch.load(tmp_path / "moco-v3" / "checkpoints" / "step_2" / "optimizer.bin", weights_only=True)
+    lrs = {g["name"]: g["lr"] for g in state["param_groups"]}
+    peak = recipe.learning_rate * 8 / recipe.lr_scaling_batch_size
+    assert lrs["predictor"] == pytest.approx(peak)
+    assert lrs["encoder"] == pytest.approx(peak / 2)  # step 1 of the warmup (1 epoch, capped at the 2 steps)
+    assert all("momentum_buffer" in s for s in state["state"].values())  # LARS stepped every parameter
