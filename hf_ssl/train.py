@@ -34,10 +34,11 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig
 
 from modeling import METHODS
-from modeling.backbones import backbone_config_from_preset, build_backbone, feature_dim
+from modeling.backbones import (backbone_config_from_preset, backbone_family, build_backbone, feature_dim,
+                                load_backbone)
 from modeling.pretraining import SSLPreTrainedModel, TrainingProgress
 from modeling.schedules import cosine, warmup_cosine
 
@@ -60,10 +61,17 @@ __all__ = ["train", "build_model", "model_inputs", "build_optimizer", "schedule_
 
 def backbone_config_of(recipe: PretrainingRecipe):
     if recipe.backbone_name_or_path is not None:
-        return AutoConfig.from_pretrained(recipe.backbone_name_or_path)
+        try:
+            return AutoConfig.from_pretrained(recipe.backbone_name_or_path)
+        except OSError as err:
+            raise RecipeError(f"backbone_name_or_path: {err}") from None
     if recipe.backbone_config is not None:
         if "model_type" not in recipe.backbone_config:
             raise RecipeError("backbone_config needs a model_type (e.g. resnet, vit, convnext)")
+        try:
+            backbone_family(recipe.backbone_config["model_type"])
+        except ValueError as err:
+            raise RecipeError(f"backbone_config: {err}") from None
         return AutoConfig.for_model(**recipe.backbone_config)
     if recipe.backbone is None:
         raise RecipeError("set one of backbone, backbone_config or backbone_name_or_path")
@@ -84,8 +92,11 @@ def build_model(recipe: PretrainingRecipe):
     check_keys(model_kwargs, [k for k in init_keys(config_cls) if k not in ("backbone_config", "kwargs")],
                f"model: (keys of {config_cls.__name__})")
     backbone_config = backbone_config_of(recipe)
-    probe = (AutoModel.from_pretrained(recipe.backbone_name_or_path) if recipe.backbone_name_or_path
-             else build_backbone(backbone_config))
+    try:
+        probe = (load_backbone(recipe.backbone_name_or_path) if recipe.backbone_name_or_path
+                 else build_backbone(backbone_config))
+    except ValueError as err:  # not a supported family, or not a backbone checkpoint
+        raise RecipeError(f"backbone_name_or_path: {err}") from None
     dim = feature_dim(probe)
     feature_configs = getattr(config_cls, "backbone_feature_configs", ())
     for key, sub_cls in config_cls.sub_configs.items():

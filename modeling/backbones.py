@@ -1,15 +1,73 @@
-"""Build a transformers vision backbone and turn its outputs into the one pooled feature per image.
+"""Build a transformers vision backbone (from a config or a pretrained checkpoint) and turn its outputs into the one
+pooled feature per image.
 
 The pooled feature is the representation the methods train and the exported encoder gives:
-  * CNNs (ResNet, ConvNeXt, EfficientNet, MobileNetV2, ...): `pooler_output`, flattened to `[B, C]`;
-  * ViT-style models: the CLS token of the final `last_hidden_state` (after the final LayerNorm).
+  * CNNs (ResNet, ConvNeXt, ConvNeXtV2, RegNet, EfficientNet, MobileNetV2): `pooler_output`, flattened to `[B, C]`;
+  * BEiT and Swin: `pooler_output` (BEiT: LayerNorm of the mean patch token, or with `use_mean_pooling=False` the
+    final CLS token; Swin: mean of the last stage's tokens);
+  * ViT, DeiT, DINOv2, ViT-MSN: the CLS token of the final `last_hidden_state` (after the final LayerNorm). ViT and
+    DeiT are built without their `pooler` (an extra dense layer that self-supervised training never touches).
+Every other model type is refused by `backbone_family` with one line listing these families (`BACKBONE_FAMILIES`).
 """
+from dataclasses import dataclass, field
+
 import torch
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.utils import logging
 
-# Models whose pooled feature is the CLS token of `last_hidden_state` (their `pooler_output`, when present,
-# is an extra randomly initialised dense layer that self-supervised training never touches).
-CLS_TOKEN_MODEL_TYPES = ("vit", "deit", "dinov2", "vit_msn")
+logger = logging.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """How hf-ssl builds a transformers vision model and reads its pooled feature."""
+
+    name: str
+    # The pooled feature is the CLS token of `last_hidden_state` (else `pooler_output`).
+    cls_token: bool
+    # Extra arguments of the model's `__init__` (ViT/DeiT: no pooler).
+    init_kwargs: dict = field(default_factory=dict)
+    # `forward` takes `interpolate_pos_encoding` (needed for inputs other than `config.image_size`); DINOv2 always
+    # interpolates and CNNs have no position embeddings.
+    interpolates_positions: bool = False
+    # Parameters the pooled feature never uses, kept frozen: under DDP a trainable parameter without a gradient
+    # stalls the gradient reduction.
+    unused_parameters: tuple[str, ...] = ()
+
+    @property
+    def feature(self) -> str:
+        """The pooled feature, as a model card names it."""
+        return "CLS token of last_hidden_state" if self.cls_token else "pooler_output"
+
+
+BACKBONE_FAMILIES: dict[str, BackboneFamily] = {
+    "resnet": BackboneFamily("ResNet", cls_token=False),
+    "convnext": BackboneFamily("ConvNeXt", cls_token=False),
+    "convnextv2": BackboneFamily("ConvNeXtV2", cls_token=False),
+    "regnet": BackboneFamily("RegNet", cls_token=False),
+    "efficientnet": BackboneFamily("EfficientNet", cls_token=False),
+    "mobilenet_v2": BackboneFamily("MobileNetV2", cls_token=False),
+    "beit": BackboneFamily("BEiT", cls_token=False, interpolates_positions=True),
+    "swin": BackboneFamily("Swin", cls_token=False, interpolates_positions=True),
+    "vit": BackboneFamily("ViT", cls_token=True, init_kwargs={"add_pooling_layer": False},
+                          interpolates_positions=True),
+    "deit": BackboneFamily("DeiT", cls_token=True, init_kwargs={"add_pooling_layer": False},
+                           interpolates_positions=True),
+    "dinov2": BackboneFamily("DINOv2", cls_token=True, unused_parameters=("embeddings.mask_token",)),
+    "vit_msn": BackboneFamily("ViT-MSN", cls_token=True, interpolates_positions=True),
+}
+
+# Models whose pooled feature is the CLS token of `last_hidden_state`.
+CLS_TOKEN_MODEL_TYPES = tuple(t for t, family in BACKBONE_FAMILIES.items() if family.cls_token)
+
+
+def backbone_family(model_type: str) -> BackboneFamily:
+    """The family of a backbone `model_type`; a ValueError in one line for a model hf-ssl cannot pool."""
+    if model_type not in BACKBONE_FAMILIES:
+        supported = ", ".join(f"{family.name} ({t})" for t, family in BACKBONE_FAMILIES.items())
+        raise ValueError(f"hf-ssl cannot use a {model_type!r} model as backbone (it needs a vision model with a pooled "
+                         f"feature or a CLS token); supported families: {supported}")
+    return BACKBONE_FAMILIES[model_type]
 
 
 def _resnet(depths, hidden_sizes, layer_type, embedding_size=64):
@@ -54,28 +112,62 @@ def backbone_config_from_preset(name: str, **overrides) -> PretrainedConfig:
     return AutoConfig.for_model(**kwargs)
 
 
+def freeze_unused_parameters(backbone: PreTrainedModel) -> None:
+    """Freeze the parameters of `backbone` that its pooled feature never uses (see `BackboneFamily`)."""
+    for name in backbone_family(backbone.config.model_type).unused_parameters:
+        backbone.get_parameter(name).requires_grad_(False)
+
+
 def build_backbone(config: PretrainedConfig) -> PreTrainedModel:
-    """A randomly initialised transformers vision model for `config` (no pooling layer on ViT-style models)."""
-    if config.model_type in CLS_TOKEN_MODEL_TYPES:
-        return AutoModel.from_config(config, add_pooling_layer=False)
-    return AutoModel.from_config(config)
+    """A randomly initialised transformers vision model for `config` (ViT and DeiT without their pooling layer)."""
+    backbone = AutoModel.from_config(config, **backbone_family(config.model_type).init_kwargs)
+    freeze_unused_parameters(backbone)
+    return backbone
+
+
+def load_backbone(name_or_path: str) -> PreTrainedModel:
+    """The backbone of a Hub or local transformers checkpoint (`backbone_name_or_path`) in float32, built as
+    `build_backbone` builds it, so that its `state_dict` loads strictly into a method's backbones.
+
+    A task model's checkpoint (e.g. `ViTForImageClassification`) gives its base model; weights beyond the backbone (a
+    ViT pooler, a classifier) are dropped. A backbone weight the checkpoint lacks is an error (transformers would
+    initialise it at random: a composite model's folder would load as a random ViT), except a pooler's: BEiT's pooler
+    LayerNorm is not in masked-image-modeling checkpoints and starts at its default (weight 1, bias 0), with a warning.
+    """
+    config = AutoConfig.from_pretrained(name_or_path)
+    family = backbone_family(config.model_type)
+    backbone, loading_info = AutoModel.from_pretrained(name_or_path, config=config, dtype=torch.float32,
+                                                       output_loading_info=True, **family.init_kwargs)
+    missing = sorted(loading_info["missing_keys"])
+    not_pooler = [key for key in missing if not key.startswith("pooler.")]
+    if not_pooler:
+        raise ValueError(f"{name_or_path} is not a {family.name} backbone checkpoint: it has no weights for "
+                         f"{len(not_pooler)} of the backbone's tensors (e.g. {', '.join(not_pooler[:3])})")
+    if missing:
+        logger.warning(f"{name_or_path} has no pooler weights; {', '.join(missing)} start at their default")
+    freeze_unused_parameters(backbone)
+    return backbone
 
 
 def pooled_features(backbone: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The `[B, D]` feature of `pixel_values` (see the module docstring); the exported encoder gives the same."""
-    if backbone.config.model_type in CLS_TOKEN_MODEL_TYPES:
-        outputs = backbone(pixel_values=pixel_values, interpolate_pos_encoding=True)
+    """The `[B, D]` feature of `pixel_values` (see the module docstring); the exported encoder gives the same.
+    Inputs of another size than `config.image_size` interpolate the position embeddings."""
+    family = backbone_family(backbone.config.model_type)
+    kwargs = {"interpolate_pos_encoding": True} if family.interpolates_positions else {}
+    outputs = backbone(pixel_values=pixel_values, **kwargs)
+    if family.cls_token:
         return outputs.last_hidden_state[:, 0]
-    outputs = backbone(pixel_values=pixel_values)
-    if getattr(outputs, "pooler_output", None) is None:
-        raise ValueError(f"Backbone {type(backbone).__name__} gives no pooler_output; hf-ssl cannot pool its features")
+    if outputs.pooler_output is None:
+        raise ValueError(f"this {type(backbone).__name__} was built without its pooling layer "
+                         "(add_pooling_layer=False), which gives its pooled feature")
     return outputs.pooler_output.flatten(1)
 
 
 def feature_dim(backbone: PreTrainedModel) -> int:
-    """Size of the pooled feature of `backbone`, read off one forward pass of a small blank batch."""
+    """Size of the pooled feature of `backbone`: the hidden size of a CLS-token model, else read off one forward pass
+    of a small blank batch."""
     config = backbone.config
-    if config.model_type in CLS_TOKEN_MODEL_TYPES:
+    if backbone_family(config.model_type).cls_token:
         return config.hidden_size
     was_training = backbone.training
     backbone.eval()

@@ -13,7 +13,8 @@ Once, when training is set up:
   * `input_columns()`: dataset columns besides the image that the method's views read (e.g. a mask);
   * `get_encoder()` is the backbone that gets published;
   * `embedding_std_dim()` is the size of the embeddings behind the output's `embedding_std` (collapse monitor);
-  * `set_requires_grad()` freezes what is not trained (called at construction and after `from_pretrained`).
+  * `set_requires_grad()` freezes what is not trained (called at construction and after `from_pretrained`);
+  * `load_backbone_weights(state_dict)` starts every backbone in `backbone_attributes` from pretrained weights.
 A model that can serve as a distillation teacher (DisCo) also implements `embed(pixel_values)` (backbone +
 projection head, the embedding its loss compares) and `embedding_dim`.
 """
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from .backbones import feature_dim
+from .backbones import feature_dim, freeze_unused_parameters
 
 
 @dataclass(frozen=True)
@@ -57,16 +58,29 @@ def parameter_group(name: str, params: list, apply_weight_decay: bool = True, la
 
 class SSLPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
+    # Attributes holding a copy of the backbone (student and EMA teacher, query and momentum encoder, ...): all start
+    # from `backbone_name_or_path`'s weights.
+    backbone_attributes: tuple[str, ...] = ()
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         model = super().from_pretrained(*args, **kwargs)
         # Loading materialises fresh parameters, all with requires_grad=True: restore the frozen ones.
         model.set_requires_grad()
+        for name in model.backbone_attributes:
+            freeze_unused_parameters(getattr(model, name))
         return model
 
     def set_requires_grad(self) -> None:
         """Freeze what the optimizer must never update (EMA teacher, momentum encoder, fixed prototype norms)."""
+
+    def load_backbone_weights(self, state_dict: dict) -> None:
+        """Start every backbone of `backbone_attributes` from pretrained weights (`backbone_name_or_path`, read by
+        `modeling.backbones.load_backbone`, which builds the backbone as the method does): a strict load."""
+        if not self.backbone_attributes:
+            raise NotImplementedError(f"{type(self).__name__} names no backbone_attributes to load weights into")
+        for name in self.backbone_attributes:
+            getattr(self, name).load_state_dict(state_dict)
 
     def schedule_values(self, progress: TrainingProgress) -> dict[str, float]:
         """The method's own scheduled values at `progress`, passed to `forward` by name (none by default)."""

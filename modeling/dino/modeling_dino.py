@@ -44,6 +44,7 @@ class DinoForPreTraining(SSLPreTrainedModel):
 
     config_class = DinoConfig
     base_model_prefix = "dino"
+    backbone_attributes = ("student_backbone", "teacher_backbone")
 
     def __init__(self, config: DinoConfig):
         super().__init__(config)
@@ -69,11 +70,6 @@ class DinoForPreTraining(SSLPreTrainedModel):
 
     def get_encoder(self):
         return self.teacher_backbone
-
-    def load_backbone_weights(self, state_dict: dict) -> None:
-        """Start student and teacher backbones from pretrained weights (`backbone_name_or_path`)."""
-        self.student_backbone.load_state_dict(state_dict)
-        self.teacher_backbone.load_state_dict(state_dict)
 
     def _student_features(self, global_crops, local_crops):
         """The student's pooled features of the global crops and of all crops (global first)."""

@@ -39,6 +39,7 @@ class MocoForPreTraining(SSLPreTrainedModel):
 
     config_class = MocoConfig
     base_model_prefix = "moco"
+    backbone_attributes = ("query_backbone", "key_backbone")
 
     def __init__(self, config: MocoConfig):
         super().__init__(config)
@@ -69,11 +70,6 @@ class MocoForPreTraining(SSLPreTrainedModel):
 
     def get_encoder(self):
         return self.query_backbone
-
-    def load_backbone_weights(self, state_dict: dict) -> None:
-        """Start query and key backbones from pretrained weights (`backbone_name_or_path`)."""
-        self.query_backbone.load_state_dict(state_dict)
-        self.key_backbone.load_state_dict(state_dict)
 
     @property
     def embedding_dim(self) -> int:
