@@ -19,13 +19,10 @@ over the sha256 of the weights, the preprocessing and the dataset's fingerprint,
 never reuses stale features. ``--model raw-pixels`` is an identity "encoder": the normalised pixels, flattened.
 
 Metrics go through 🤗 evaluate with the scripts in ``hf_ssl/metrics/``, loaded by path (offline-safe).
-Results are appended to ``<model_dir>/eval_results.json`` (:func:`record_eval_results`), which the model card's
-``model-index`` reads; the schema of one record (one per protocol and metric) is fixed::
-
-    {"protocol": "knn" | "linear" | "fewshot-finetune-1%" | "fewshot-scratch-1%" | "fewshot-finetune-10%"
-                 | "fewshot-scratch-10%",
-     "metric": "top1" | "top5", "value": <percent, 2 decimals>, "dataset": str, "dataset_config": str | None,
-     "train_split": str, "test_split": str, "params": {protocol settings}, "seconds": float}
+Results are added to ``<model_dir>/eval_results.json`` (:func:`record_eval_results`), which the model card's
+``model-index`` reads: one record per protocol (``knn``, ``linear``, ``fewshot-finetune-1%``, ...) and metric
+(``top1``, ``top5``). The schema of a record, and the key that says when a new record replaces an old one (protocol,
+metric, dataset, dataset_config, train_split, test_split), are defined once, in :mod:`hf_ssl.eval_results`.
 
 top-5 is reported only with more than 5 classes (it is 100 % otherwise). ``seconds`` is the wall time of the
 protocol, feature extraction (or the cache read) included; the printed report also gives ``feature_seconds``.
@@ -56,15 +53,13 @@ from tqdm.auto import tqdm
 from modeling.backbones import build_backbone, feature_dim, pooled_features
 
 from .data import ImageDecoder, build_dataloader, label_column_of, load_image_dataset
+from .eval_results import (FILENAME, RECORD_KEYS, EvalRecordError, fewshot_protocol, fraction_name,  # noqa: F401
+                           make_records, merge_records, read_records, validate_record, write_records)
 
 logger = logging.getLogger(__name__)
 
 RAW_PIXELS = "raw-pixels"
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
-RECORD_KEYS = ("protocol", "metric", "value", "dataset", "dataset_config", "train_split", "test_split", "params",
-               "seconds")
-METRICS = ("top1", "top5")
-_PROTOCOL_RE = re.compile(r"^(knn|linear|fewshot-(finetune|scratch)-\d+(\.\d+)?%)$")
 FEATURE_CACHE_VERSION = 1
 DEFAULT_RAW_PIXELS_SIZE = 32
 
@@ -360,56 +355,17 @@ def frozen_features(model_name_or_path, dataset_name: str, *, train_split: str =
 # ------------------------------------------------------------------------------------------------ records
 
 
-def make_records(protocol: str, scores: dict[str, float], *, dataset: str, dataset_config: str | None,
-                 train_split: str, test_split: str, params: dict, seconds: float) -> list[dict]:
-    """One eval_results.json record per metric of ``scores`` (``{"top1": %, "top5": %}``)."""
-    return [{"protocol": protocol, "metric": metric, "value": round(float(value), 2), "dataset": dataset,
-             "dataset_config": dataset_config, "train_split": train_split, "test_split": test_split,
-             "params": params, "seconds": round(float(seconds), 2)} for metric, value in scores.items()]
-
-
-def validate_record(record: dict) -> None:
-    """Raise :class:`EvaluationError` unless ``record`` has exactly the eval_results.json schema."""
-    if not isinstance(record, dict) or tuple(sorted(record)) != tuple(sorted(RECORD_KEYS)):
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise EvaluationError(f"an eval record needs exactly the keys {list(RECORD_KEYS)}, got {keys}")
-    if not _PROTOCOL_RE.match(str(record["protocol"])):
-        raise EvaluationError(f"unknown protocol {record['protocol']!r}")
-    if record["metric"] not in METRICS:
-        raise EvaluationError(f"metric must be one of {list(METRICS)}, got {record['metric']!r}")
-    if not isinstance(record["value"], float) or not 0.0 <= record["value"] <= 100.0:
-        raise EvaluationError(f"value must be a float percentage, got {record['value']!r}")
-    for key in ("dataset", "train_split", "test_split"):
-        if not isinstance(record[key], str):
-            raise EvaluationError(f"{key} must be a string, got {record[key]!r}")
-    if record["dataset_config"] is not None and not isinstance(record["dataset_config"], str):
-        raise EvaluationError(f"dataset_config must be a string or null, got {record['dataset_config']!r}")
-    if not isinstance(record["params"], dict) or not isinstance(record["seconds"], (int, float)):
-        raise EvaluationError("params must be a dict and seconds a number")
-
-
-def _record_key(record: dict) -> tuple:
-    return record["protocol"], record["metric"], record["dataset"], record["test_split"]
-
-
 def record_eval_results(model_dir: str | Path, records: Sequence[dict]) -> Path:
-    """Append ``records`` to ``model_dir/eval_results.json`` (a JSON list), replacing older records with the same
-    (protocol, metric, dataset, test_split); written atomically. Entries of an older layout are dropped."""
-    for record in records:
-        validate_record(record)
-    path = Path(model_dir) / "eval_results.json"
-    existing = json.loads(path.read_text()) if path.is_file() else []
-    if not isinstance(existing, list):
-        raise EvaluationError(f"{path} does not hold a JSON list")
-    legacy = [r for r in existing if not (isinstance(r, dict) and "protocol" in r and "metric" in r)]
-    if legacy:
-        logger.warning("dropping %d entries of an older layout from %s", len(legacy), path)
-    replaced = {_record_key(r) for r in records}
-    kept = [r for r in existing if r not in legacy and _record_key(r) not in replaced]
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(kept + list(records), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Add ``records`` to ``model_dir/eval_results.json`` (a JSON list), written atomically: a record replaces an
+    earlier one of the same evaluation (:func:`hf_ssl.eval_results.record_key`), all others are kept. What is
+    already in the file is read as the model card reads it (:func:`hf_ssl.eval_results.read_records`)."""
+    path = Path(model_dir) / FILENAME
+    try:
+        for record in records:
+            validate_record(record)
+        return write_records(path, merge_records(read_records(path), records))
+    except EvalRecordError as err:
+        raise EvaluationError(str(err)) from None
 
 
 def _report(protocol: str, features: FrozenFeatures | None, records: list[dict], seconds: float, **extra) -> dict:
@@ -614,11 +570,6 @@ def class_balanced_subset(labels: Sequence[int] | torch.Tensor, fraction: float,
     return torch.cat(chosen).sort().values
 
 
-def fraction_name(fraction: float) -> str:
-    """0.01 -> "1%", 0.1 -> "10%", 0.025 -> "2.5%"."""
-    return f"{round(fraction * 100, 6):g}%"
-
-
 class _Classifier(torch.nn.Module):
     def __init__(self, backbone, num_classes: int):
         super().__init__()
@@ -746,7 +697,7 @@ def fewshot_evaluate(model_name_or_path, dataset_name: str, *, fractions: Sequen
                       "augmentation": "pad size/8 + random crop + h-flip" if augment else "none",
                       "init": "pretrained encoder" if kind == "finetune" else "random (encoder config)",
                       "seed": seed}
-            records += make_records(f"fewshot-{kind}-{fraction_name(fraction)}",
+            records += make_records(fewshot_protocol(kind, fraction),
                                     classification_metrics(scores, test_labels), dataset=dataset_name,
                                     dataset_config=dataset_config, train_split=train_split, test_split=test_split,
                                     params=params, seconds=time.perf_counter() - t0)

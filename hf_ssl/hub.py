@@ -9,15 +9,14 @@ process that never imports hf_ssl.
 
 The model card is rendered from `model_cards/encoder.md.jinja` (per-method text in `model_cards/methods.yaml`)
 with the encoder's `hf_ssl.json` (written at export: method, backbone, recipe, training summary) and
-`eval_results.json` (one object per (protocol, metric), written by the evaluation). `push` re-renders it with the
-repo id in the loading snippets and uploads everything in one commit.
+`eval_results.json` (written by the evaluation, read here, both through the one schema of `hf_ssl.eval_results`).
+`push` re-renders it with the repo id in the loading snippets and uploads everything in one commit.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -32,6 +31,8 @@ from transformers import AutoModel
 import modeling  # noqa: F401  (registers the method models with AutoModel)
 from modeling import METHODS
 from modeling.backbones import CLS_TOKEN_MODEL_TYPES, pooled_features
+
+from .eval_results import FILENAME as EVAL_RESULTS, IDENTITY_KEYS, PROTOCOL_RE, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +132,9 @@ def export_encoder(source: str | Path, output_dir: str | Path, include_pretraini
         info["teacher"] = {key: getattr(model.config, f"teacher_{key}", None)
                            for key in ("name_or_path", "revision", "subfolder", "sha256")}
     (tmp / "hf_ssl.json").write_text(json.dumps(info, indent=2) + "\n")
-    if (output_dir / "eval_results.json").is_file() and \
+    if (output_dir / EVAL_RESULTS).is_file() and \
             _sha256(output_dir / "model.safetensors") == _sha256(tmp / "model.safetensors"):
-        shutil.copy(output_dir / "eval_results.json", tmp / "eval_results.json")
+        shutil.copy(output_dir / EVAL_RESULTS, tmp / EVAL_RESULTS)
     if run_dir is not None and checkpoint_step is None:
         curve = _loss_curve(run_dir)
         if curve is not None:
@@ -222,16 +223,13 @@ def _dataset_label(name: str | None) -> str:
     return f"[{hub}](https://huggingface.co/datasets/{hub})" if hub else f"`{Path(name).name}` (a local dataset)"
 
 
-_FEWSHOT = re.compile(r"fewshot-(?P<init>finetune|scratch)-(?P<fraction>[\d.]+)%")
-
-
 def _protocol_label(protocol: str) -> str:
     if protocol == "knn":
         return "kNN"
     if protocol == "linear":
         return "linear probe"
-    match = _FEWSHOT.fullmatch(protocol)
-    if match:
+    match = PROTOCOL_RE.match(protocol)
+    if match and match["init"]:
         how = "fine-tuned" if match["init"] == "finetune" else "random init (baseline), trained"
         return f"{match['fraction']}% labels, {how}"
     return protocol
@@ -243,43 +241,16 @@ def _metric_type(protocol: str, metric: str) -> str:
 
 
 def load_eval_results(encoder_dir: str | Path) -> list[dict]:
-    """`eval_results.json` as a list of {protocol, metric, value, dataset, dataset_config, train_split, test_split,
-    params, seconds}, the latest result per (protocol, metric, dataset, config, splits). Entries of the earlier
-    `{"knn_top1": ...}` form are converted; entries without protocol/metric/value are skipped."""
-    path = Path(encoder_dir) / "eval_results.json"
-    if not path.is_file():
-        return []
-    raw = json.loads(path.read_text())
-    if isinstance(raw, dict):
-        raw = [raw]
-    latest: dict[tuple, dict] = {}
-    for entry in raw:
-        if not isinstance(entry, dict):
-            continue
-        if "protocol" not in entry and "knn_top1" in entry:  # the first schema of record_eval_result
-            entry = {"protocol": "knn", "metric": "top1", "value": entry["knn_top1"],
-                     "params": {"k": entry.get("knn_k"), "temperature": entry.get("knn_temperature")},
-                     **{k: entry.get(k) for k in ("dataset", "dataset_config", "train_split", "test_split", "seconds")}}
-        if not all(k in entry for k in ("protocol", "metric", "value")):
-            continue
-        try:
-            value = float(entry["value"])
-        except (TypeError, ValueError):
-            continue
-        if not math.isfinite(value):
-            continue
-        result = {"protocol": str(entry["protocol"]), "metric": str(entry["metric"]), "value": value,
-                  "dataset": entry.get("dataset") or "unknown", "dataset_config": entry.get("dataset_config"),
-                  "train_split": entry.get("train_split") or "train", "test_split": entry.get("test_split") or "test",
-                  "params": entry.get("params") or {}, "seconds": entry.get("seconds")}
-        key = tuple(result[k] for k in ("protocol", "metric", "dataset", "dataset_config", "train_split", "test_split"))
-        latest.pop(key, None)
-        latest[key] = result
-    return list(latest.values())
+    """`eval_results.json` as a list of records of the `hf_ssl.eval_results` schema, the latest per evaluation
+    (`hf_ssl.eval_results.record_key`). Entries of the earlier `{"knn_top1": ...}` form are converted; entries that
+    are not records of the schema are skipped."""
+    return read_records(Path(encoder_dir) / EVAL_RESULTS)
 
 
 def eval_results_for_card(results: list[dict]) -> list[EvalResult]:
-    """huggingface_hub `EvalResult`s: one metric per (protocol, metric), grouped by the Hub per test dataset."""
+    """huggingface_hub `EvalResult`s: one metric per record, grouped by the Hub per test dataset (name, config,
+    split). The train split is in the metric's args, and in its name where it is not "train", so that two
+    evaluations that differ only in the train split stay two distinguishable metrics."""
     out = []
     for r in results:
         dataset_id = hub_dataset_id(r["dataset"]) or Path(r["dataset"]).name
@@ -289,7 +260,8 @@ def eval_results_for_card(results: list[dict]) -> list[EvalResult]:
             dataset_type=dataset_id, dataset_name=dataset_id, dataset_config=r["dataset_config"],
             dataset_split=r["test_split"],
             metric_type=_metric_type(r["protocol"], r["metric"]), metric_value=round(r["value"], 2),
-            metric_name=f"{_protocol_label(r['protocol'])} {r['metric'].replace('top', 'top-')} accuracy (%)",
+            metric_name=f"{_protocol_label(r['protocol'])} {r['metric'].replace('top', 'top-')} accuracy (%)"
+            + (f", trained on {r['train_split']}" if r["train_split"] != "train" else ""),
             metric_args={"train_split": r["train_split"], **params} or None,
         ))
     return out
@@ -303,7 +275,7 @@ def _cell(value) -> str:
 def _results_rows(results: list[dict]) -> list[dict]:
     rows: dict[tuple, dict] = {}
     for r in results:
-        key = (r["protocol"], r["dataset"], r["dataset_config"], r["train_split"], r["test_split"])
+        key = tuple(r[k] for k in IDENTITY_KEYS if k != "metric")  # one row per evaluation, its metrics as columns
         row = rows.setdefault(key, {
             "protocol": _protocol_label(r["protocol"]),
             "dataset": (hub_dataset_id(r["dataset"]) or Path(r["dataset"]).name)

@@ -191,17 +191,56 @@ def test_knn_results_land_in_eval_results_json_and_features_are_cached(tiny_enco
     assert len(list((tiny_encoder / "features").glob("*.safetensors"))) == 2  # stale files replaced
     assert sorted((tiny_encoder / "features").glob("*.safetensors")) != cache
 
-    # appending: same (protocol, metric, dataset, test_split) replaces, others are kept, old layouts dropped
+    # appending: the same evaluation replaces, others are kept, entries of the first layout are converted
     path = tiny_encoder / "eval_results.json"
     path.write_text(json.dumps([{"knn_top1": 1.0}, *records]))
     other = dict(record, test_split="validation", value=12.5)
     ev.record_eval_results(tiny_encoder, changed["records"] + [other])
     final = json.loads(path.read_text())
-    assert len(final) == 2 and final[0]["value"] == changed["scores"]["knn/top1"] and final[1] == other
+    assert len(final) == 3 and final[1]["value"] == changed["scores"]["knn/top1"] and final[2] == other
+    assert (final[0]["protocol"], final[0]["value"], final[0]["dataset"]) == ("knn", 1.0, "unknown")
     with pytest.raises(ev.EvaluationError):
         ev.record_eval_results(tiny_encoder, [dict(record, protocol="knn-20")])
     with pytest.raises(ev.EvaluationError):
         ev.record_eval_results(tiny_encoder, [{k: v for k, v in record.items() if k != "seconds"}])
+
+
+def knn_record(value: float = 50.0, **changes) -> dict:
+    (record,) = ev.make_records("knn", {"top1": value}, dataset="fashion_mnist", dataset_config=None,
+                                train_split="train", test_split="test", params={"k": 20}, seconds=1.0)
+    return {**record, **changes}
+
+
+@pytest.mark.parametrize("changes", [
+    {"dataset_config": "extra"}, {"train_split": "train[:50%]"}, {"test_split": "validation"},
+    {"dataset": "other/dataset"}, {"metric": "top5"}, {"protocol": "linear"},
+    {"protocol": "fewshot-finetune-10%"},  # vs fewshot-finetune-1%: the label fraction is part of the protocol
+], ids=lambda changes: "-".join(map(str, changes.values())))
+def test_eval_results_keep_evaluations_that_differ_in_one_identity_key(tmp_path, changes):
+    base = knn_record(protocol="fewshot-finetune-1%") if "fewshot" in changes.get("protocol", "") else knn_record()
+    ev.record_eval_results(tmp_path, [base])
+    ev.record_eval_results(tmp_path, [{**base, **changes, "value": 60.0}])
+    stored = json.loads((tmp_path / "eval_results.json").read_text())
+    assert stored == [base, {**base, **changes, "value": 60.0}]
+
+    # the same evaluation again (other value, settings, time) replaces the earlier record, moved to the end
+    rerun = {**base, "value": 70.0, "params": {"k": 10}, "seconds": 2.0}
+    ev.record_eval_results(tmp_path, [rerun])
+    assert json.loads((tmp_path / "eval_results.json").read_text()) == [{**base, **changes, "value": 60.0}, rerun]
+
+
+def test_the_schema_is_one_definition_shared_with_the_hub(tmp_path):
+    from hf_ssl import eval_results, hub
+
+    assert ev.RECORD_KEYS is eval_results.RECORD_KEYS
+    assert eval_results.IDENTITY_KEYS == ("protocol", "metric", "dataset", "dataset_config", "train_split",
+                                          "test_split")
+    records = [knn_record(), knn_record(dataset_config="extra"), knn_record(train_split="validation"),
+               knn_record(value=10.0, test_split="validation")]
+    ev.record_eval_results(tmp_path, records)
+    ev.record_eval_results(tmp_path, [knn_record(value=20.0, test_split="validation")])
+    assert hub.load_eval_results(tmp_path) == json.loads((tmp_path / "eval_results.json").read_text()) \
+        == records[:3] + [knn_record(value=20.0, test_split="validation")]
 
 
 def test_raw_pixels_encoder_flattens_normalised_pixels(tiny_dataset):

@@ -396,3 +396,41 @@ def test_card_of_a_vit_started_from_a_hub_checkpoint(tmp_path):
     assert "2.03 h" in card.text and "8 x H100" in card.text
     assert "| 74.13 | – | weighting=exp(sim/T) \\| none |" in card.text  # a "|" does not break the table
     assert "pretraining/" not in card.text  # no pretraining model in this repo
+
+
+def test_card_model_index_has_every_evaluation_the_evaluation_recorded(tmp_path):
+    """eval_results.json written by hf_ssl.evaluation, read by the card: evaluations that differ only in the dataset
+    config, or only in the train split, are two results in the model-index; a re-run replaces the earlier one."""
+    import yaml
+
+    from hf_ssl.evaluation import make_records, record_eval_results
+
+    def knn(value, **changes):
+        split = {"dataset_config": None, "train_split": "train", "test_split": "test", **changes}
+        return make_records("knn", {"top1": value}, dataset="fashion_mnist", params={"k": 20}, seconds=1.0, **split)
+
+    info = {"method": "dino", "backbone": "resnet", "feature": "pooler_output", "feature_dim": 16, "image_size": 32,
+            "recipe": {"dataset_name": "fashion_mnist"}, "training": {}}
+    (tmp_path / "hf_ssl.json").write_text(json.dumps(info))
+    record_eval_results(tmp_path, knn(10.0))
+    record_eval_results(tmp_path, knn(20.0, dataset_config="extra"))
+    record_eval_results(tmp_path, knn(30.0, train_split="validation"))
+    record_eval_results(tmp_path, knn(40.0))  # the first evaluation again: replaces 10.0
+    assert len(json.loads((tmp_path / "eval_results.json").read_text())) == 3
+
+    card = render_model_card(tmp_path, repo_id="org/model")
+    metadata = yaml.safe_load(str(card).split("---")[1])
+    (index,) = metadata["model-index"]
+    metrics = [(result["dataset"].get("config"), result["dataset"]["split"], metric["type"],
+                metric["args"]["train_split"], metric["value"])
+               for result in index["results"] for metric in result["metrics"]]
+    assert sorted(metrics, key=str) == [("extra", "test", "knn-top1", "train", 20.0),
+                                        (None, "test", "knn-top1", "train", 40.0),
+                                        (None, "test", "knn-top1", "validation", 30.0)]
+    names = [metric["name"] for result in index["results"] for metric in result["metrics"]]
+    assert len(set(names)) == 2 and "kNN top-1 accuracy (%), trained on validation" in names
+    assert "10.00" not in card.text
+    for row in ("| kNN | zalando-datasets/fashion_mnist | train → test | 40.00 |",
+                "| kNN | zalando-datasets/fashion_mnist (extra) | train → test | 20.00 |",
+                "| kNN | zalando-datasets/fashion_mnist | validation → test | 30.00 |"):
+        assert row in card.text
