@@ -50,7 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from modeling.backbones import build_backbone, feature_dim, pooled_features
+from modeling.backbones import backbone_family, build_backbone, feature_dim, pooled_features
 
 from .data import ImageDecoder, build_dataloader, label_column_of, load_image_dataset
 from .eval_results import (FILENAME, RECORD_KEYS, EvalRecordError, fewshot_protocol, fraction_name,  # noqa: F401
@@ -182,8 +182,9 @@ def load_encoder(model_name_or_path: str | Path, device="cpu", image_size: int |
     source = str(model_dir) if model_dir is not None else name
     try:
         model = AutoModel.from_pretrained(source).to(device).eval()
-    except OSError as err:
-        raise EvaluationError(f"cannot load an encoder from {name!r}: {err}") from None
+        backbone_family(model.config.model_type)  # its pooled feature is defined
+    except (OSError, ValueError) as err:
+        raise EvaluationError(f"cannot load an encoder from {name!r}: {str(err).strip().splitlines()[0]}") from None
     if image_size is None or image_mean is None or image_std is None:
         try:
             processor = AutoImageProcessor.from_pretrained(source)

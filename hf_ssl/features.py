@@ -23,6 +23,8 @@ import PIL.ImageOps
 import torch
 from tqdm.auto import tqdm
 
+from modeling.backbones import backbone_family
+
 from .data import DataError, _describe_error, _open_image, label_column_of, load_image_dataset
 
 FORMATS = (".parquet", ".npy")
@@ -47,6 +49,7 @@ def load_feature_extractor(model_name_or_path: str | Path, device="cpu"):
     try:
         encoder = AutoModel.from_pretrained(str(model_name_or_path)).to(device).eval()
         processor = AutoImageProcessor.from_pretrained(str(model_name_or_path))
+        backbone_family(encoder.config.model_type)  # its pooled feature is defined
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FeaturesError(f"cannot load an encoder and image processor from {str(model_name_or_path)!r}: {first}") \

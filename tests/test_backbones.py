@@ -200,3 +200,20 @@ def test_a_beit_pretrained_by_masked_image_modeling_starts_its_pooler_norm_at_it
     assert "no pooler weights; pooler.layernorm.bias, pooler.layernorm.weight start at their default" in caplog.text
     assert torch.equal(backbone.pooler.layernorm.weight, torch.ones(16))
     assert torch.equal(backbone.pooler.layernorm.bias, torch.zeros(16))
+
+
+def test_eval_and_features_refuse_an_encoder_of_an_unsupported_family_in_one_line(tmp_path, tiny_dataset, capsys):
+    from transformers import AutoImageProcessor, ViTImageProcessor
+
+    encoder = tmp_path / "segformer"
+    AutoModel.from_config(AutoConfig.for_model("segformer", hidden_sizes=[8, 8, 8, 8], num_attention_heads=[1, 1, 1, 1],
+                                               depths=[1, 1, 1, 1], decoder_hidden_size=8)).save_pretrained(encoder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(encoder)
+    assert AutoImageProcessor.from_pretrained(encoder) is not None
+    for command in (["eval", "knn", "--model", str(encoder), "--dataset", str(tiny_dataset)],
+                    ["features", "--model", str(encoder), "--dataset", str(tiny_dataset), "--output",
+                     str(tmp_path / "f.npy")]):
+        capsys.readouterr()
+        assert cli.main(command) == 2
+        stderr = capsys.readouterr().err
+        assert "Traceback" not in stderr and "cannot use a 'segformer' model as backbone" in stderr, stderr
