@@ -206,6 +206,7 @@ def _check_moco_v3_step_under_ddp(rank: int, world: int, one_process: dict) -> N
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.slow
 def test_collectives_under_a_real_gloo_group():
     torch.multiprocessing.spawn(_collectives_worker, args=(2, free_port()), nprocs=2, join=True)
 
@@ -287,6 +288,7 @@ def two_process_runs(tmp_path_factory, tiny_dataset, id_dataset, tiny_teacher) -
     return {"outputs": outputs, "recipes": _recipes(root, tiny_dataset, tiny_teacher), "log": result.stderr}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_two_processes_reproduce_one_process(two_process_runs, name, tmp_path):
     """In float64 (recipe dtype: float64). In float32 the two runs differ by rounding (other summation orders), and
@@ -307,12 +309,14 @@ def test_two_processes_reproduce_one_process(two_process_runs, name, tmp_path):
     assert worst < TOLERANCE, {s: (one[s], two[s]) for s in one}
 
 
+@pytest.mark.slow
 def test_moco_v2_with_shuffle_bn_trains_under_ddp(two_process_runs):
     run = two_process_runs["outputs"]["moco-v2-shuffle-bn"]
     curve = losses(run)
     assert sorted(curve) == [1, 2, 3] and all(torch.isfinite(torch.tensor(v)) for v in curve.values())
 
 
+@pytest.mark.slow
 def test_streaming_across_two_processes_sees_each_sample_once_per_epoch(two_process_runs):
     trace = two_process_runs["outputs"]["trace"]
     per_rank = [[json.loads(line) for line in Path(f"{trace}.rank{r}").read_text().splitlines()] for r in (0, 1)]
@@ -325,6 +329,7 @@ def test_streaming_across_two_processes_sees_each_sample_once_per_epoch(two_proc
     assert first != second  # reshuffled per epoch
 
 
+@pytest.mark.slow
 def test_streaming_resume_gives_the_same_loss_curve(two_process_runs):
     run = two_process_runs["outputs"]["streaming"]
     resumed = losses(run)

@@ -159,6 +159,7 @@ print(json.dumps({"pipeline": piped, "direct": direct, "teacher": teacher, "type
 """
 
 
+@pytest.mark.slow
 def test_push_then_load_by_name_gives_the_local_features(run_dir, hub, tiny_dataset, tmp_path):
     home = tmp_path / "hf_home"
     env = hub_env(hub, home)

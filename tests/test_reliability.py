@@ -83,6 +83,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
 # ----------------------------------------------------------------------------------------- exact resume
 
 
+@pytest.mark.slow
 def test_sigkill_between_checkpoints_then_resume_latest_is_bitwise_the_uninterrupted_run(reference, tiny_dataset,
                                                                                           tmp_path):
     assert checkpoint_names(reference) == ["step_6"]  # save_total_limit respected
@@ -114,6 +115,7 @@ def test_sigkill_between_checkpoints_then_resume_latest_is_bitwise_the_uninterru
     assert superseded["loss"] == train_records(reference)[6]["loss"]
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_save_keeps_the_previous_one_and_resume_ignores_the_leftover(
         reference, tiny_dataset, tmp_path, caplog):
     recipe = write_recipe(tmp_path, tiny_dataset)
