@@ -30,7 +30,7 @@ from transformers import AutoModel
 
 import modeling  # noqa: F401  (registers the method models with AutoModel)
 from modeling import METHODS
-from modeling.backbones import CLS_TOKEN_MODEL_TYPES, pooled_features
+from modeling.backbones import CLS_TOKEN_MODEL_TYPES, at_input_size, pooled_features
 
 from .eval_results import FILENAME as EVAL_RESULTS, IDENTITY_KEYS, PROTOCOL_RE, read_records
 
@@ -99,9 +99,10 @@ def export_encoder(source: str | Path, output_dir: str | Path, include_pretraini
     source, output_dir = Path(source), Path(output_dir)
     model_dir, run_dir = _locate(source)
     model = AutoModel.from_pretrained(model_dir).eval()
-    encoder = model.get_encoder()
     recipe = yaml.safe_load((run_dir / "config.yaml").read_text()) if run_dir else {}
     size = recipe.get("image_size", 224)
+    trained = model.get_encoder()
+    encoder = at_input_size(trained, size)
     mean, std = recipe.get("image_mean", [0.485, 0.456, 0.406]), recipe.get("image_std", [0.229, 0.224, 0.225])
     checkpoint_step = int(model_dir.name[5:]) if re.fullmatch(r"step_\d+", model_dir.name) else None
 
@@ -114,7 +115,7 @@ def export_encoder(source: str | Path, output_dir: str | Path, include_pretraini
     probe = torch.randn(2, encoder.config.num_channels, size, size, generator=torch.Generator().manual_seed(0),
                         dtype=encoder.dtype)
     with torch.no_grad():
-        expected = pooled_features(encoder, probe)
+        expected = pooled_features(trained, probe)
         if not torch.allclose(expected, pooled_features(reloaded, probe), atol=1e-5):
             raise ExportError(f"the encoder reloaded from {tmp} gives other features than the trained one")
     info = {

@@ -9,6 +9,7 @@ The pooled feature is the representation the methods train and the exported enco
     DeiT are built without their `pooler` (an extra dense layer that self-supervised training never touches).
 Every other model type is refused by `backbone_family` with one line listing these families (`BACKBONE_FAMILIES`).
 """
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,8 @@ class BackboneFamily:
     # Parameters the pooled feature never uses, kept frozen: under DDP a trainable parameter without a gradient
     # stalls the gradient reduction.
     unused_parameters: tuple[str, ...] = ()
+    # A plain forward refuses inputs of another size than `config.image_size` (see `at_input_size`).
+    fixed_input_size: bool = False
 
     @property
     def feature(self) -> str:
@@ -50,11 +53,11 @@ BACKBONE_FAMILIES: dict[str, BackboneFamily] = {
     "beit": BackboneFamily("BEiT", cls_token=False, interpolates_positions=True),
     "swin": BackboneFamily("Swin", cls_token=False, interpolates_positions=True),
     "vit": BackboneFamily("ViT", cls_token=True, init_kwargs={"add_pooling_layer": False},
-                          interpolates_positions=True),
+                          interpolates_positions=True, fixed_input_size=True),
     "deit": BackboneFamily("DeiT", cls_token=True, init_kwargs={"add_pooling_layer": False},
-                           interpolates_positions=True),
+                           interpolates_positions=True, fixed_input_size=True),
     "dinov2": BackboneFamily("DINOv2", cls_token=True, unused_parameters=("embeddings.mask_token",)),
-    "vit_msn": BackboneFamily("ViT-MSN", cls_token=True, interpolates_positions=True),
+    "vit_msn": BackboneFamily("ViT-MSN", cls_token=True, interpolates_positions=True, fixed_input_size=True),
 }
 
 # Models whose pooled feature is the CLS token of `last_hidden_state`.
@@ -116,6 +119,27 @@ def freeze_unused_parameters(backbone: PreTrainedModel) -> None:
     """Freeze the parameters of `backbone` that its pooled feature never uses (see `BackboneFamily`)."""
     for name in backbone_family(backbone.config.model_type).unused_parameters:
         backbone.get_parameter(name).requires_grad_(False)
+
+
+def at_input_size(backbone: PreTrainedModel, size: int) -> PreTrainedModel:
+    """`backbone` for `size` px inputs, giving its pooled feature without `interpolate_pos_encoding`: for the families
+    whose plain forward refuses other sizes than `config.image_size` (ViT, DeiT, ViT-MSN started from a checkpoint of
+    another resolution), a copy whose config says `size` and whose position embeddings are the ones `pooled_features`
+    interpolates to at that size; so the exported encoder works with a plain `model(**processor(image))` and the
+    image-feature-extraction pipeline. Other backbones are returned as they are."""
+    if not backbone_family(backbone.config.model_type).fixed_input_size or backbone.config.image_size == size:
+        return backbone
+    config = copy.deepcopy(backbone.config)
+    config.image_size = size
+    resized = build_backbone(config).to(backbone.dtype)
+    positions = backbone.embeddings.position_embeddings
+    special_tokens = positions.shape[1] - backbone.embeddings.patch_embeddings.num_patches  # CLS (+ DeiT's distillation)
+    tokens = positions.new_zeros(1, special_tokens + (size // config.patch_size) ** 2, positions.shape[-1])
+    state = backbone.state_dict()
+    with torch.no_grad():
+        state["embeddings.position_embeddings"] = backbone.embeddings.interpolate_pos_encoding(tokens, size, size)
+    resized.load_state_dict(state)
+    return resized.train(backbone.training)
 
 
 def build_backbone(config: PretrainedConfig) -> PreTrainedModel:

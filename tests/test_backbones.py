@@ -109,6 +109,11 @@ def test_training_from_a_checkpoint_exports_an_encoder_with_the_same_features(mo
     with torch.no_grad():
         expected = pooled_features(trained.get_encoder(), pixels)
         torch.testing.assert_close(pooled_features(exported, pixels), expected, atol=1e-5, rtol=0)
+        # ... also through a plain forward at the training size (what the card's snippet and the pipeline call),
+        # although the transformers checkpoints above were made for 64 px
+        plain = exported(pixel_values=pixels)
+        feature = plain.last_hidden_state[:, 0] if backbone_family(model_type).cls_token else plain.pooler_output
+        torch.testing.assert_close(feature.flatten(1), expected, atol=1e-5, rtol=0)
     # The card names that feature.
     card = (tmp_path / "run" / "encoder" / "README.md").read_text()
     cls_token = backbone_family(model_type).cls_token
