@@ -301,9 +301,40 @@ class TwoViews(SeededViews):
         return {"view_1": self.augment(self.views[0], x), "view_2": self.augment(self.views[1], x)}
 
 
+class GridViews(TwoViews):
+    """Fast-MoCo: `TwoViews` (defaults: MoCo v2's symmetric augmentation, blur p 0.5 on both views, no solarize) plus
+    each view cut into a `grid x grid` grid of crops (`grid_crops`, on the augmented view: the augmentation is per
+    view, the cut is deterministic): `view_1`, `view_2` `[B, C, S, S]` and `crops_1`, `crops_2`
+    `[B * grid², C, S / grid, S / grid]`, image-major. `grid` must equal the model's `grid_size` (the model checks the
+    crop count) and divide `crop_size`."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], crop_size: int = 224,
+                 crop_scale: tuple[float, float] = (0.2, 1.0), color_jitter_p: float = 0.8, grayscale_p: float = 0.2,
+                 flip_p: float = 0.5, blur_p: tuple[float, float] = (0.5, 0.5),
+                 solarize_p: tuple[float, float] = (0.0, 0.0),
+                 color_jitter_strength: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1), grid: int = 2):
+        super().__init__(mean=mean, std=std, crop_size=crop_size, crop_scale=crop_scale, color_jitter_p=color_jitter_p,
+                         grayscale_p=grayscale_p, flip_p=flip_p, blur_p=blur_p, solarize_p=solarize_p,
+                         color_jitter_strength=color_jitter_strength)
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+            raise ValueError(f"grid must be a positive int, got {grid!r}")
+        if crop_size % grid:
+            raise ValueError(f"crop_size={crop_size} does not split into a {grid}x{grid} grid of equal crops")
+        self.grid = grid
+
+    def output_names(self) -> tuple[str, ...]:
+        return ("view_1", "view_2", "crops_1", "crops_2")
+
+    def make_views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        views = super().make_views(batch)
+        return {**views, "crops_1": grid_crops(views["view_1"], self.grid),
+                "crops_2": grid_crops(views["view_2"], self.grid)}
+
+
 VIEW_RECIPES: dict[str, type[SeededViews]] = {
     "multicrop": MultiCropViews,
     "two_views": TwoViews,
+    "grid_views": GridViews,
 }
 
 

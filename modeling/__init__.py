@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel
 
 from .dino import DinoConfig, DinoForPreTraining
 from .disco import DiscoConfig, DiscoForPreTraining
+from .fast_moco import FastMocoConfig, FastMocoForPreTraining
 from .moco import MocoConfig, MocoForPreTraining
 
 
@@ -31,6 +32,9 @@ METHODS: dict[str, Method] = {
     "disco": Method("disco", DiscoConfig, DiscoForPreTraining, "two_views",
                     "Gao et al., DisCo: Remedy Self-supervised Learning on Lightweight Models with Distilled "
                     "Contrastive Learning, ECCV 2022"),
+    "fast_moco": Method("fast_moco", FastMocoConfig, FastMocoForPreTraining, "grid_views",
+                        "Ci et al., Fast-MoCo: Boost Momentum-based Contrastive Learning with Combinatorial Patches, "
+                        "ECCV 2022"),
 }
 
 for _method in METHODS.values():
@@ -38,4 +42,5 @@ for _method in METHODS.values():
     AutoModel.register(_method.config_class, _method.model_class, exist_ok=True)
 
 __all__ = ["METHODS", "Method", "DinoConfig", "DinoForPreTraining", "DiscoConfig", "DiscoForPreTraining",
+           "FastMocoConfig", "FastMocoForPreTraining",
            "MocoConfig", "MocoForPreTraining"]

@@ -8,9 +8,10 @@ from transformers import initialization as init
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, norm: str | None, activation: str,
-        last_norm: bool = False) -> nn.Sequential:
+        last_norm: bool = False, last_norm_affine: bool = False) -> nn.Sequential:
     """`num_layers` linear layers; between them `norm` (None, "batchnorm" or "layernorm") and `activation`.
-    `last_norm` adds an affine-free BatchNorm after the last layer (MoCo v3's projector)."""
+    `last_norm` adds a BatchNorm after the last layer: affine-free (MoCo v3's projector) unless `last_norm_affine`
+    (Fast-MoCo's projector)."""
     if num_layers < 1:
         raise ValueError(f"an MLP needs at least one layer, got num_layers={num_layers}")
     act = {"relu": nn.ReLU, "gelu": nn.GELU}[activation]
@@ -26,7 +27,7 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, norm: str |
                 layers.append(norms[norm](dims[i + 1]))
             layers.append(act())
     if last_norm:
-        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+        layers.append(nn.BatchNorm1d(out_dim, affine=last_norm_affine))
     return nn.Sequential(*layers)
 
 
@@ -40,20 +41,23 @@ class ProjectionHeadConfig(PretrainedConfig):
         out_dim: embedding size.
         num_layers: linear layers.
         norm: None, "batchnorm" or "layernorm" after every hidden linear layer.
-        last_norm: an affine-free BatchNorm after the last layer.
+        last_norm: a BatchNorm after the last layer.
+        last_norm_affine: that last BatchNorm has a learned scale and shift (Fast-MoCo); default affine-free (MoCo v3).
         activation: "relu" or "gelu".
     """
 
     model_type = "hf_ssl_projection_head"
 
     def __init__(self, in_dim: int = 2048, hidden_dim: int | None = None, out_dim: int = 128, num_layers: int = 2,
-                 norm: str | None = None, last_norm: bool = False, activation: str = "relu", **kwargs):
+                 norm: str | None = None, last_norm: bool = False, activation: str = "relu",
+                 last_norm_affine: bool = False, **kwargs):
         self.in_dim = in_dim
         self.hidden_dim = hidden_dim
         self.out_dim = out_dim
         self.num_layers = num_layers
         self.norm = norm
         self.last_norm = last_norm
+        self.last_norm_affine = last_norm_affine
         self.activation = activation
         super().__init__(**kwargs)
 
@@ -67,7 +71,7 @@ class ProjectionHead(PreTrainedModel):
         super().__init__(config)
         hidden = config.hidden_dim or config.in_dim
         self.mlp = mlp(config.in_dim, hidden, config.out_dim, config.num_layers, config.norm, config.activation,
-                       last_norm=config.last_norm)
+                       last_norm=config.last_norm, last_norm_affine=getattr(config, "last_norm_affine", False))
         self.post_init()
 
     def _init_weights(self, module):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .conftest import TINY_RECIPE
+from .test_fast_moco import FAST_MOCO_RECIPE
 from .test_moco import MOCO_RECIPE
 
 
@@ -37,6 +38,9 @@ TINY_METHODS: dict[str, TinyMethod] = {
                         loss_weights={"contrastive_loss": "contrastive_weight",
                                       "query_distillation_loss": "query_distillation_weight",
                                       "key_distillation_loss": "key_distillation_weight"}),
+    # loss = (loss_view_1 + loss_view_2) / 2: the mean over both views' combinations (config.view_loss_weight = 0.5)
+    "fast_moco": TinyMethod(FAST_MOCO_RECIPE, {"fast-moco": []},
+                            loss_weights={"loss_view_1": "view_loss_weight", "loss_view_2": "view_loss_weight"}),
 }
 
 # variant name -> method
