@@ -30,7 +30,7 @@ from transformers import AutoModel
 
 import modeling  # noqa: F401  (registers the method models with AutoModel)
 from modeling import METHODS
-from modeling.backbones import CLS_TOKEN_MODEL_TYPES, at_input_size, pooled_features
+from modeling.backbones import at_input_size, backbone_family, pooled_features
 
 from .eval_results import FILENAME as EVAL_RESULTS, IDENTITY_KEYS, PROTOCOL_RE, read_records
 
@@ -121,8 +121,7 @@ def export_encoder(source: str | Path, output_dir: str | Path, include_pretraini
     info = {
         "method": model.config.model_type.removeprefix("hf_ssl_"),
         "backbone": encoder.config.model_type,
-        "feature": "CLS token of last_hidden_state" if encoder.config.model_type in CLS_TOKEN_MODEL_TYPES
-        else "pooler_output",
+        "feature": backbone_family(encoder.config.model_type).feature,
         "feature_dim": int(expected.shape[-1]),
         "image_size": size,
         "recipe": recipe,

@@ -60,9 +60,6 @@ BACKBONE_FAMILIES: dict[str, BackboneFamily] = {
     "vit_msn": BackboneFamily("ViT-MSN", cls_token=True, interpolates_positions=True, fixed_input_size=True),
 }
 
-# Models whose pooled feature is the CLS token of `last_hidden_state`.
-CLS_TOKEN_MODEL_TYPES = tuple(t for t, family in BACKBONE_FAMILIES.items() if family.cls_token)
-
 
 def backbone_family(model_type: str) -> BackboneFamily:
     """The family of a backbone `model_type`; a ValueError in one line for a model hf-ssl cannot pool."""
