@@ -248,6 +248,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     global_batch: int  # images per optimizer step, over all processes
+    peak_lr: float  # the learning rate scaled to the global batch (constant-lr groups stay at it)
     output_dir: Path
 
     def progress(self, step: int) -> TrainingProgress:
@@ -331,7 +332,8 @@ def setup(recipe: PretrainingRecipe) -> Run:
     steps_per_epoch = count_steps_per_epoch(recipe, dataset, loader, streaming, global_batch)
     total_steps = recipe.max_steps if recipe.max_steps > 0 else math.ceil(recipe.num_train_epochs * steps_per_epoch)
     return Run(recipe, accelerator, model, accelerator.unwrap_model(model), optimizer, views, loader, streaming,
-               steps_per_epoch, total_steps, global_batch, Path(recipe.output_dir))
+               steps_per_epoch, total_steps, global_batch, peak_learning_rate(recipe, global_batch),
+               Path(recipe.output_dir))
 
 
 def build_training_data(recipe: PretrainingRecipe, accelerator: Accelerator, per_device: int,
@@ -601,7 +603,7 @@ def train(recipe: PretrainingRecipe) -> dict:
         progress = run.progress(state.step)
         values = schedule_values(recipe, progress, run.global_batch)
         method_values = core.schedule_values(progress)
-        apply_schedule(optimizer, values["lr"], peak_learning_rate(recipe, run.global_batch), values["weight_decay"])
+        apply_schedule(optimizer, values["lr"], run.peak_lr, values["weight_decay"])
         if state.micro == 0:
             begin_step(run, state)
         with accelerator.accumulate(model):
