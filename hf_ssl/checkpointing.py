@@ -1,13 +1,19 @@
 """Checkpoints of a training run: `OUTPUT_DIR/checkpoints/step_N`, written atomically, restored strictly.
 
 A checkpoint is accelerate's state (model weights as safetensors incl. buffers such as DINO's center or MoCo's
-queue, optimizer, RNG states) plus the model's config.json and, for streaming, the position in the data stream.
+queue, optimizer, RNG states) plus the model's config.json, how the global batch was made (`batch_layout.json`)
+and, for streaming, the position in the data stream.
+
+Elastic resume: a map-style run written on N processes resumes on M with the same loss curve, as long as the
+images per micro-step over all processes and the accumulation steps are the checkpoint's (the views, the sampler's
+order and the BatchNorm statistics are functions of the global micro-batch, never of the per-process slice).
 """
 import json
 import logging
 import os
 import pickle
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -16,10 +22,59 @@ from accelerate import Accelerator
 logger = logging.getLogger(__name__)
 
 DATA_STATE_FILE = "data_state.json"
+BATCH_LAYOUT_FILE = "batch_layout.json"
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and where the last good checkpoint is."""
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a run makes its global batch. A resume must keep `micro_batch` and `accumulation`; the process count
+    may change (not for a stream: each process reads its own shard of it)."""
+
+    num_processes: int
+    per_device: int
+    accumulation: int
+    streaming: bool
+
+    @property
+    def micro_batch(self) -> int:  # images per micro-step, over all processes
+        return self.num_processes * self.per_device
+
+    @property
+    def global_batch(self) -> int:  # images per optimizer step
+        return self.micro_batch * self.accumulation
+
+    def describe(self) -> str:
+        return (f"{self.global_batch} images per optimizer step ({self.num_processes} process(es) x "
+                f"{self.per_device} per device x {self.accumulation} accumulation step(s))")
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> "BatchLayout":
+        return cls(**json.loads((checkpoint / BATCH_LAYOUT_FILE).read_text()))
+
+
+def check_resumable(saved: BatchLayout, now: BatchLayout, checkpoint: Path) -> None:
+    """TrainingError, saying what to set, unless this run makes the checkpoint's global batch the same way."""
+    where = f"cannot resume from {checkpoint} on {now.num_processes} process(es)"
+    if saved.streaming and saved.num_processes != now.num_processes:
+        raise TrainingError(f"{where}: it is a streaming run written on {saved.num_processes} process(es), and a "
+                            "stream is split between the processes (each reads its own shards), so the saved position "
+                            f"holds for {saved.num_processes} only; resume on {saved.num_processes} process(es), "
+                            "or train from a map-style dataset (no streaming), which resumes on any number")
+    if saved.micro_batch == now.micro_batch and saved.accumulation == now.accumulation:
+        return
+    if saved.micro_batch % now.num_processes:
+        fix = (f"{saved.micro_batch} images per micro-step cannot be split between {now.num_processes} processes: "
+               f"use a process count that divides {saved.micro_batch}")
+    else:
+        fix = (f"keep it: --per_device_train_batch_size {saved.micro_batch // now.num_processes} "
+               f"--gradient_accumulation_steps {saved.accumulation} (or --total_train_batch_size "
+               f"{saved.global_batch} with those accumulation steps)")
+    raise TrainingError(f"{where}: it was written with {saved.describe()}, this run makes {now.describe()}; the "
+                        f"views and BatchNorm statistics are per micro-step, so {fix}")
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -44,7 +99,7 @@ def resolve_checkpoint(output_dir: Path, value: str) -> Path:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, save_total_limit: int | None,
-                    model_config, data_state: dict | None = None) -> Path:
+                    model_config, layout: BatchLayout, data_state: dict | None = None) -> Path:
     """accelerate state written to a temporary dir, then renamed: a kill during the save keeps the old ones."""
     root = output_dir / "checkpoints"
     final, tmp = root / f"step_{step}", root / f".tmp_step_{step}"
@@ -57,6 +112,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, save_
     if accelerator.is_main_process:
         # config.json beside accelerate's model.safetensors: the checkpoint loads with from_pretrained / export.
         model_config.save_pretrained(tmp)
+        (tmp / BATCH_LAYOUT_FILE).write_text(json.dumps(asdict(layout)))
         if data_state is not None:  # streaming: where the data stream is (plain JSON, no pickle)
             (tmp / DATA_STATE_FILE).write_text(json.dumps(data_state))
         if final.exists():  # renamed away first: a kill at any point leaves a complete step_N or none
@@ -72,26 +128,43 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, save_
     return final
 
 
-def required_checkpoint_files(accelerator: Accelerator) -> list[str]:
-    """What a resume needs from `accelerator.save_state` (one model, one optimizer, safetensors weights)."""
-    files = ["model.safetensors", "optimizer.bin", f"random_states_{accelerator.process_index}.pkl"]
+def rng_state_file(checkpoint: Path, process_index: int, saved_processes: int) -> str:
+    """The RNG states a process continues from: its own, or on a process the checkpoint did not have, process 0's.
+    Every process seeds alike and draws alike (views come from their own seeded generators), so process 0's states
+    are what an uninterrupted run on more processes would hold; `check_same_rng_states` makes sure."""
+    return f"random_states_{process_index if process_index < saved_processes else 0}.pkl"
+
+
+def required_checkpoint_files(accelerator: Accelerator, checkpoint: Path) -> list[str]:
+    """What a resume needs: one model, one optimizer, safetensors weights, RNG states, the batch layout."""
+    files = ["model.safetensors", "optimizer.bin", BATCH_LAYOUT_FILE]
+    if (checkpoint / BATCH_LAYOUT_FILE).is_file():
+        files.append(rng_state_file(checkpoint, accelerator.process_index,
+                                    BatchLayout.read(checkpoint).num_processes))
     if accelerator.scaler is not None:
         files.append("scaler.pt")
     return files
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
-    """`accelerator.load_state`, made strict: every piece of state must be there and really be restored.
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, layout: BatchLayout) -> None:
+    """`accelerator.load_state`, made strict: every piece of state must be there and really be restored; the
+    global batch must be made as when the checkpoint was written (`layout`: this run's), on any number of processes.
 
     accelerate loads the weights from model.safetensors, and optimizer.bin / RNG states with
     `torch.load(weights_only=True)` (a pickle that would run code is refused); but it catches any failure to
     restore the RNG states and goes on with a log line. Here a missing file, a refused pickle, or RNG states that
     are not the saved ones raise a TrainingError naming the piece.
     """
-    missing = [name for name in required_checkpoint_files(accelerator) if not (checkpoint / name).is_file()]
+    missing = [name for name in required_checkpoint_files(accelerator, checkpoint)
+               if not (checkpoint / name).is_file()]
     if missing:
         raise TrainingError(f"cannot resume from {checkpoint}: missing {', '.join(missing)} "
-                            "(weights must be model.safetensors; optimizer and RNG states are required)")
+                            "(weights must be model.safetensors; optimizer and RNG states and the batch layout "
+                            "are required)")
+    saved = BatchLayout.read(checkpoint)
+    check_resumable(saved, layout, checkpoint)
+    if saved.num_processes != layout.num_processes:
+        check_same_rng_states(checkpoint, saved.num_processes)
     try:
         accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
     except pickle.UnpicklingError as err:
@@ -102,7 +175,52 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> None:
     except (OSError, RuntimeError, KeyError, ValueError) as err:
         raise TrainingError(f"cannot resume from {checkpoint}: {type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else ''}") from None
-    check_rng_restored(checkpoint / f"random_states_{accelerator.process_index}.pkl")
+    rng_file = checkpoint / rng_state_file(checkpoint, accelerator.process_index, saved.num_processes)
+    if accelerator.process_index >= saved.num_processes:  # accelerate looked for a file of this process: none
+        restore_rng_states(read_rng_states(rng_file))
+    check_rng_restored(rng_file)
+
+
+def read_rng_states(path: Path) -> dict:
+    from accelerate.utils import load as accelerate_load
+
+    try:
+        return accelerate_load(path, weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- any failure to read the file means the RNG cannot be restored
+        raise TrainingError(f"cannot resume: the RNG states in {path} cannot be read "
+                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+
+
+def restore_rng_states(saved: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(saved["random_state"])
+    np.random.set_state(saved["numpy_random_seed"])
+    torch.set_rng_state(saved["torch_manual_seed"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["torch_cuda_manual_seed"])
+
+
+def same_rng_states(a: dict, b: dict) -> bool:
+    import numpy as np
+
+    return (a["random_state"] == b["random_state"]
+            and all(np.array_equal(x, y) for x, y in zip(a["numpy_random_seed"], b["numpy_random_seed"]))
+            and torch.equal(a["torch_manual_seed"], b["torch_manual_seed"]))
+
+
+def check_same_rng_states(checkpoint: Path, saved_processes: int) -> None:
+    """A resume on another process count maps processes by index; that is exact only if the saved processes' RNGs
+    are one state (they are, unless something drew random numbers on some processes only)."""
+    first = read_rng_states(checkpoint / "random_states_0.pkl")
+    for index in range(1, saved_processes):
+        if not same_rng_states(first, read_rng_states(checkpoint / f"random_states_{index}.pkl")):
+            raise TrainingError(f"cannot resume from {checkpoint} on another number of processes: its "
+                                f"{saved_processes} processes' RNG states differ (process {index} vs 0), so a process "
+                                "count other than the checkpoint's cannot continue their random streams; resume on "
+                                f"{saved_processes} process(es)")
 
 
 def refused_state_files(checkpoint: Path) -> list[str]:
@@ -124,13 +242,8 @@ def check_rng_restored(path: Path) -> None:
     import random
 
     import numpy as np
-    from accelerate.utils import load as accelerate_load
 
-    try:
-        saved = accelerate_load(path, weights_only=True)
-    except Exception as err:  # noqa: BLE001 -- any failure to read the file means the RNG was not restored
-        raise TrainingError(f"cannot resume: the RNG states in {path} cannot be read "
-                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    saved = read_rng_states(path)
     checks = {
         "python random": lambda: random.getstate() == saved["random_state"],
         "numpy": lambda: all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), saved["numpy_random_seed"])),

@@ -169,7 +169,8 @@ def _training_summary(run_dir: Path | None, upto_step: int | None = None) -> dic
     if upto_step is not None:
         records = [r for r in records if r.get("step", 0) <= upto_step and "train_runtime_seconds" not in r]
     train = [r for r in records if "loss" in r]
-    summary = {k: v for r in records for k, v in r.items() if k in ("train_runtime_seconds", "hardware")}
+    summary = {k: v for r in records for k, v in r.items() if k in ("train_runtime_seconds", "hardware",
+                                                                              "global_batch_size")}
     if train:
         summary.update(steps=train[-1]["step"], epochs=train[-1]["epoch"], final_loss=train[-1]["loss"])
     return summary
@@ -325,7 +326,10 @@ def _training_rows(info: dict) -> list[tuple[str, str]]:
         rows.append(("steps / epochs", f"{training['steps']} / {training.get('epochs')}"))
     if info.get("checkpoint_step") is not None:
         rows.append(("exported from", f"checkpoint at step {info['checkpoint_step']}"))
-    if recipe.get("per_device_train_batch_size"):
+    if training.get("global_batch_size"):
+        rows.append(("batch", f"{training['global_batch_size']} images per optimizer step (the global batch; a run "
+                     "resumes from its checkpoints on any number of processes that keep it)"))
+    elif recipe.get("per_device_train_batch_size"):
         accum = recipe.get("gradient_accumulation_steps", 1)
         rows.append(("batch", f"{recipe['per_device_train_batch_size']} per device"
                      + (f" x {accum} accumulation steps" if accum and accum > 1 else "")))

@@ -43,8 +43,8 @@ from modeling.pretraining import SSLPreTrainedModel, TrainingProgress
 from modeling.schedules import cosine, warmup_cosine
 
 from .augment import build_views, check_input_columns_cover_views, check_views_match_forward
-from .checkpointing import (DATA_STATE_FILE, TrainingError, checkpoint_dirs, load_checkpoint, resolve_checkpoint,
-                            save_checkpoint, supersede_after)
+from .checkpointing import (DATA_STATE_FILE, BatchLayout, TrainingError, checkpoint_dirs, load_checkpoint,
+                            resolve_checkpoint, save_checkpoint, supersede_after)
 from .data import DataError, ImageDecoder, build_dataloader, label_column_of, load_image_dataset, num_examples
 from .monitoring import BadImageLog, CollapseMonitor, loss_is_finite
 from .optimization import apply_schedule, build_optimizer, clip_gradients
@@ -247,12 +247,16 @@ class Run:
     streaming: bool
     steps_per_epoch: int
     total_steps: int
-    global_batch: int  # images per optimizer step, over all processes
+    layout: BatchLayout  # how the global batch is made; a resume on another process count must keep it
     peak_lr: float  # the learning rate scaled to the global batch (constant-lr groups stay at it)
     output_dir: Path
 
     def progress(self, step: int) -> TrainingProgress:
         return TrainingProgress(step, self.total_steps, self.steps_per_epoch)
+
+    @property
+    def global_batch(self) -> int:  # images per optimizer step, over all processes
+        return self.layout.global_batch
 
 
 @dataclass
@@ -328,11 +332,11 @@ def setup(recipe: PretrainingRecipe) -> Run:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    global_batch = per_device * world * accum
-    steps_per_epoch = count_steps_per_epoch(recipe, dataset, loader, streaming, global_batch)
+    layout = BatchLayout(world, per_device, accum, streaming)
+    steps_per_epoch = count_steps_per_epoch(recipe, dataset, loader, streaming, layout.global_batch)
     total_steps = recipe.max_steps if recipe.max_steps > 0 else math.ceil(recipe.num_train_epochs * steps_per_epoch)
     return Run(recipe, accelerator, model, accelerator.unwrap_model(model), optimizer, views, loader, streaming,
-               steps_per_epoch, total_steps, global_batch, peak_learning_rate(recipe, global_batch),
+               steps_per_epoch, total_steps, layout, peak_learning_rate(recipe, layout.global_batch),
                Path(recipe.output_dir))
 
 
@@ -386,7 +390,7 @@ def start_or_resume(run: Run) -> LoopState:
         if run.streaming and not (checkpoint / DATA_STATE_FILE).is_file():
             raise TrainingError(f"cannot resume a streaming run from {checkpoint}: missing {DATA_STATE_FILE} "
                                 "(the position in the data stream)")
-        load_checkpoint(accelerator, checkpoint)
+        load_checkpoint(accelerator, checkpoint, run.layout)
         state.step = int(checkpoint.name[5:])
         if run.streaming:
             state.data_state = json.loads((checkpoint / DATA_STATE_FILE).read_text())
@@ -561,7 +565,8 @@ def finish(run: Run, state: LoopState, monitors: Monitors, train_seconds: float)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         monitors.write(run, {"step": state.step, "train_runtime_seconds": round(train_seconds, 1),
-                             "hardware": hardware_description(accelerator)})
+                             "hardware": hardware_description(accelerator),
+                             "global_batch_size": run.global_batch})
         if monitors.bad_images.count:
             logger.warning("skipped %d bad images, listed in %s", monitors.bad_images.count, monitors.bad_images.path)
         run.core.save_pretrained(output_dir / "pretraining", safe_serialization=True)
@@ -635,6 +640,7 @@ def train(recipe: PretrainingRecipe) -> dict:
             online_evaluation(run, state, monitors)
         if recipe.checkpointing_steps and state.step % recipe.checkpointing_steps == 0:
             state.last_checkpoint = save_checkpoint(accelerator, run.output_dir, state.step, recipe.save_total_limit,
-                                                    core.config, data_state=state.data_state if run.streaming else None)
+                                                    core.config, run.layout,
+                                                    data_state=state.data_state if run.streaming else None)
     monitors.progress_bar.close()
     return finish(run, state, monitors, time.perf_counter() - train_start)

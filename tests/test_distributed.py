@@ -1,8 +1,9 @@
 """Distributed training gives the one-process result: collectives under a real gloo group (gradients of
 all_gather_with_grad and SyncBatchNorm against one-process references, a MoCo v3 step under DDP, shuffle-BN, uneven
 batches), and real 2-process CPU DDP through `accelerate launch` + the `hf-ssl train` CLI against 1-process runs for
-every method (in float64: see test_two_processes_reproduce_one_process), plus streaming (each sample once per epoch
-across the processes, resume).
+every method (in float64: see test_two_processes_reproduce_one_process), elastic resume (a checkpoint written on 1
+process resumed on 2, and on 2 resumed on 1), plus streaming (each sample once per epoch across the processes,
+resume, refused on another process count).
 
 The 2-process runs share one `accelerate launch` (tests/distributed_runs.py): starting processes is what costs.
 """
@@ -25,6 +26,7 @@ from .test_train import ENV, losses
 from .tiny_methods import VARIANTS, write_tiny_recipe
 
 STEPS = 10
+CHECKPOINT = 5  # elastic resume: from this step's checkpoint, on the other number of processes
 # On the logged losses of float64 runs; they are logged in float32 (resolution ~1e-6 at a loss of 11).
 TOLERANCE = 1e-5
 
@@ -236,7 +238,8 @@ def _write(path: Path, text: str) -> Path:
 def _recipes(root: Path, dataset: Path, teacher: Path) -> dict[str, tuple[Path, list[str]]]:
     """variant -> (recipe, overrides) of the runs compared between 2 processes and 1 process: every variant of every
     registered method's tiny setting (tests/tiny_methods.py), in float64."""
-    common = ["--max_steps", str(STEPS), "--total_train_batch_size", "16", "--do_eval", "false", "--dtype", "float64"]
+    common = ["--max_steps", str(STEPS), "--total_train_batch_size", "16", "--do_eval", "false", "--dtype", "float64",
+              "--checkpointing_steps", str(CHECKPOINT)]
     recipes = {}
     for variant in VARIANTS:
         path, overrides = write_tiny_recipe(variant, root, dataset, teacher)
@@ -256,14 +259,30 @@ def id_dataset(tmp_path_factory, tiny_dataset) -> Path:
     return path
 
 
+def _resumed_copy(run: Path, copy: Path) -> list[str]:
+    """A copy of `run` to resume from its step-CHECKPOINT checkpoint: the overrides that do it."""
+    import shutil
+
+    shutil.copytree(run, copy)
+    return ["--output_dir", str(copy), "--resume_from_checkpoint", str(copy / "checkpoints" / f"step_{CHECKPOINT}")]
+
+
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory, tiny_dataset, id_dataset, tiny_teacher) -> dict:
-    """Every 2-process run of this module, in one `accelerate launch` with the shipped CPU config."""
+    """Every 2-process run of this module, in one `accelerate launch` with the shipped CPU config; first, the
+    1-process runs whose checkpoints some of them resume."""
     root = tmp_path_factory.mktemp("two_processes")
+    recipes = _recipes(root, tiny_dataset, tiny_teacher)
     runs, outputs = [], {}
-    for name, (recipe, overrides) in _recipes(root, tiny_dataset, tiny_teacher).items():
+    for name, (recipe, overrides) in recipes.items():
+        outputs[f"{name}-1"] = root / f"{name}-1"
+        train(load_recipe(recipe, overrides + ["--output_dir", str(outputs[f"{name}-1"])]))
+    for name, (recipe, overrides) in recipes.items():
         outputs[name] = root / name
         runs.append({"args": ["train", str(recipe), *overrides, "--output_dir", str(root / name)]})
+        outputs[f"{name}-1-then-2"] = root / f"{name}-1-then-2"
+        runs.append({"args": ["train", str(recipe), *overrides,
+                              *_resumed_copy(outputs[f"{name}-1"], outputs[f"{name}-1-then-2"])]})
     # MoCo v2 with per-process BatchNorm: shuffle-BN under real DDP
     outputs["moco-v2-shuffle-bn"] = root / "moco-v2-shuffle-bn"
     runs.append({"args": ["train", str(root / "moco-v2.yaml"), "--max_steps", "3", "--sync_batchnorm", "false",
@@ -285,12 +304,12 @@ def two_process_runs(tmp_path_factory, tiny_dataset, id_dataset, tiny_teacher) -
                             env={**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
                                  "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), ENV.get("PYTHONPATH", "")])})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return {"outputs": outputs, "recipes": _recipes(root, tiny_dataset, tiny_teacher), "log": result.stderr}
+    return {"outputs": outputs, "recipes": recipes, "log": result.stderr}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_two_processes_reproduce_one_process(two_process_runs, name, tmp_path):
+def test_two_processes_reproduce_one_process(two_process_runs, name):
     """In float64 (recipe dtype: float64). In float32 the two runs differ by rounding (other summation orders), and
     where a ReLU input lies within that rounding of 0 the two runs pass or block that element's gradient: a
     discrete difference that training then amplifies. Measured on MoCo v3 in float32: the runs agree to 1e-7 until
@@ -298,15 +317,46 @@ def test_two_processes_reproduce_one_process(two_process_runs, name, tmp_path):
     BatchNorm's weight gradient then differs by 2.5e-3 (relative) and the loss by 2.9e-4 at step 10. In float64 the
     same runs end with parameters equal to 2e-16 (relative), so the losses agree to their logged (float32)
     precision."""
-    two = losses(two_process_runs["outputs"][name])
-    config = json.loads((two_process_runs["outputs"][name] / "metrics.jsonl").read_text().splitlines()[-1])
-    assert config["hardware"].startswith("2 process(es)")
-    recipe, overrides = two_process_runs["recipes"][name]
-    train(load_recipe(recipe, overrides + ["--output_dir", str(tmp_path / "one")]))
-    one = losses(tmp_path / "one")
+    outputs = two_process_runs["outputs"]
+    two, one = losses(outputs[name]), losses(outputs[f"{name}-1"])
+    config = json.loads((outputs[name] / "metrics.jsonl").read_text().splitlines()[-1])
+    assert config["hardware"].startswith("2 process(es)") and config["global_batch_size"] == 16
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
     worst = max(abs(one[s] - two[s]) for s in one)
     assert worst < TOLERANCE, {s: (one[s], two[s]) for s in one}
+
+
+def _assert_resumed_steps_equal(resumed: dict[int, float], uninterrupted: dict[int, float]) -> None:
+    """Steps after the checkpoint equal the uninterrupted run's to 1e-6 (relative: the float32 logging of a loss
+    near 20 rounds to 2e-6)."""
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(CHECKPOINT + 1, STEPS + 1):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-6), (step, resumed, uninterrupted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_a_checkpoint_written_on_one_process_resumes_on_two(two_process_runs, name):
+    outputs = two_process_runs["outputs"]
+    resumed = outputs[f"{name}-1-then-2"]
+    config = json.loads((resumed / "metrics.jsonl").read_text().splitlines()[-1])
+    assert config["hardware"].startswith("2 process(es)")
+    assert json.loads((resumed / "checkpoints" / f"step_{STEPS}" / "batch_layout.json").read_text()) == {
+        "num_processes": 2, "per_device": 8, "accumulation": 1, "streaming": False}
+    _assert_resumed_steps_equal(losses(resumed), losses(outputs[name]))  # the 2-process uninterrupted run
+    _assert_resumed_steps_equal(losses(resumed), losses(outputs[f"{name}-1"]))  # ... and the checkpoint's own run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_a_checkpoint_written_on_two_processes_resumes_on_one(two_process_runs, name, tmp_path):
+    outputs = two_process_runs["outputs"]
+    recipe, overrides = two_process_runs["recipes"][name]
+    train(load_recipe(recipe, overrides + _resumed_copy(outputs[name], tmp_path / "resumed")))
+    config = json.loads((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert config["hardware"].startswith("1 process(es)")
+    _assert_resumed_steps_equal(losses(tmp_path / "resumed"), losses(outputs[f"{name}-1"]))
+    _assert_resumed_steps_equal(losses(tmp_path / "resumed"), losses(outputs[name]))
 
 
 @pytest.mark.slow
@@ -342,3 +392,17 @@ def test_streaming_resume_gives_the_same_loss_curve(two_process_runs):
     for step in range(5, 13):  # steps 5..12 of the uninterrupted run, then of the run resumed at step 4
         assert resumed[step] == pytest.approx(superseded[step], abs=1e-6), step
     assert json.loads((run / "checkpoints" / "step_8" / "data_state.json").read_text()) == {"epoch": 1, "batches": 2}
+
+
+@pytest.mark.slow
+def test_streaming_resume_on_another_process_count_is_refused(two_process_runs, tmp_path, capsys):
+    from hf_ssl.cli import main as cli_main
+
+    run = two_process_runs["outputs"]["streaming"]
+    recipe = run.parent / "streaming.yaml"
+    code = cli_main(["train", str(recipe), "--streaming", "true", "--max_steps", "12", "--per_device_train_batch_size",
+                     "8", "--do_eval", "false", *_resumed_copy(run, tmp_path / "resumed")[:2],
+                     "--resume_from_checkpoint", str(tmp_path / "resumed" / "checkpoints" / "step_4")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "it is a streaming run written on 2 process(es)" in err and "resume on 2 process(es)" in err, err

@@ -381,7 +381,8 @@ def test_card_of_a_vit_started_from_a_hub_checkpoint(tmp_path):
             "image_size": 224, "recipe": {"dataset_name": "fashion_mnist",
                                           "backbone_name_or_path": "facebook/dino-vits16",
                                           "per_device_train_batch_size": 64, "train_split": "train"},
-            "training": {"steps": 100, "epochs": 1.0, "train_runtime_seconds": 7300.0, "hardware": "8 x H100"}}
+            "training": {"steps": 100, "epochs": 1.0, "train_runtime_seconds": 7300.0, "hardware": "8 x H100",
+                         "global_batch_size": 512}}
     (tmp_path / "hf_ssl.json").write_text(json.dumps(info))
     (tmp_path / "eval_results.json").write_text(json.dumps(
         [{**EVAL_RESULTS[0], "value": 10.0}, EVAL_RESULTS[0],  # a re-run: the latest value counts
@@ -395,6 +396,7 @@ def test_card_of_a_vit_started_from_a_hub_checkpoint(tmp_path):
     assert "last_hidden_state[:, 0]" in card.text and "extractor(image)[0][0]" in card.text
     assert "pool=True)" not in card.text.replace("do not use pool=True", "")
     assert "2.03 h" in card.text and "8 x H100" in card.text
+    assert "512 images per optimizer step (the global batch; a run resumes" in card.text  # elastic resume, stated
     assert "| 74.13 | – | weighting=exp(sim/T) \\| none |" in card.text  # a "|" does not break the table
     assert "pretraining/" not in card.text  # no pretraining model in this repo
 

@@ -173,6 +173,7 @@ class RunsCodeWhenUnpickled:
     ("garbage_rng_file", r"the RNG states in .*random_states_0\.pkl cannot be read"),
     ("incomplete_rng_file", r"the torch RNG state saved in .*random_states_0\.pkl was not restored"),
     ("no_safetensors", r"missing model\.safetensors"),
+    ("no_batch_layout", r"missing batch_layout\.json"),
 ])
 def test_resume_refuses_a_checkpoint_it_cannot_restore_completely(reference, tiny_dataset, tmp_path, capsys,
                                                                   damage, message):
@@ -191,6 +192,8 @@ def test_resume_refuses_a_checkpoint_it_cannot_restore_completely(reference, tin
         rng_file.write_bytes(b"not a pickle")
     elif damage == "incomplete_rng_file":  # accelerate restores python + numpy, then fails and only logs it
         torch.save({"random_state": random.getstate(), "numpy_random_seed": np.random.get_state()}, rng_file)
+    elif damage == "no_batch_layout":
+        (checkpoint / "batch_layout.json").unlink()
     else:
         (checkpoint / "model.safetensors").rename(checkpoint / "model.bak")
 
@@ -200,6 +203,47 @@ def test_resume_refuses_a_checkpoint_it_cannot_restore_completely(reference, tin
     assert re.search(message, err), err
     assert not marker.exists()  # the pickle's code never ran
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--per_device_train_batch_size", "4"],
+     r"written with 8 images per optimizer step \(1 process\(es\) x 8 per device x 1 accumulation step\(s\)\), "
+     r"this run makes 4 .*so keep it: --per_device_train_batch_size 8 --gradient_accumulation_steps 1 "
+     r"\(or --total_train_batch_size 8"),
+    (["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"],  # 8 per step, in 2 micro-steps
+     r"this run makes 8 images per optimizer step \(1 process\(es\) x 4 per device x 2 accumulation step\(s\)\); "
+     r"the views and BatchNorm statistics are per micro-step, so keep it: --per_device_train_batch_size 8 "
+     r"--gradient_accumulation_steps 1"),
+])
+def test_resume_with_another_batch_layout_is_refused_saying_what_to_set(reference, tiny_dataset, tmp_path, capsys,
+                                                                        overrides, message):
+    import shutil
+
+    recipe = write_recipe(tmp_path, tiny_dataset)
+    shutil.copytree(reference / "checkpoints" / "step_6", tmp_path / "run" / "checkpoints" / "step_6")
+    code, err = cli(capsys, "train", recipe, *RUN, *overrides, "--resume_from_checkpoint", "latest")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_resume_on_another_process_count_is_refused_when_the_saved_random_streams_differ(reference, tiny_dataset,
+                                                                                         tmp_path, capsys):
+    """A checkpoint said to be written by 2 processes of 4 images whose RNG states differ: 1 process of 8 images
+    keeps the global batch, but cannot tell which random stream to continue."""
+    import shutil
+
+    recipe = write_recipe(tmp_path, tiny_dataset)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_6"
+    shutil.copytree(reference / "checkpoints" / "step_6", checkpoint)
+    (checkpoint / "batch_layout.json").write_text(json.dumps(
+        {"num_processes": 2, "per_device": 4, "accumulation": 1, "streaming": False}))
+    torch.manual_seed(1234)
+    torch.save({"random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+                "torch_manual_seed": torch.get_rng_state()}, checkpoint / "random_states_1.pkl")
+    code, err = cli(capsys, "train", recipe, *RUN, "--resume_from_checkpoint", "latest")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "its 2 processes' RNG states differ (process 1 vs 0)" in err and "resume on 2 process(es)" in err, err
 
 
 # ----------------------------------------------------------------------------------------- non-finite loss
