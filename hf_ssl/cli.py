@@ -3,7 +3,7 @@
     hf-ssl methods
     hf-ssl train RECIPE.yaml [--key value ...]
     hf-ssl eval knn|linear|fewshot --model PATH_OR_REPO|raw-pixels --dataset NAME [--train_split train ...]
-    hf-ssl plot OUTPUT_DIR
+    hf-ssl plot OUTPUT_DIR [--attention IMAGE ...]
     hf-ssl export OUTPUT_DIR_OR_CHECKPOINT --output_dir DIR [--include_pretraining]
     hf-ssl push DIR --repo_id NAME [--private] [--revision BRANCH] [--commit_message MSG] [--overwrite_card]
                     [--include_pretraining] [--pretraining_dir PATH]
@@ -82,11 +82,14 @@ def _eval(args) -> int:
 
 
 def _plot(args) -> int:
-    from .plots import MissingDependencyError, plot_run
+    from .plots import MissingDependencyError, PlotError, plot_attention, plot_run
 
     try:
-        paths = plot_run(args.output_dir, embedding_map=not args.no_embedding_map, max_points=args.max_points)
-    except MissingDependencyError as err:
+        if args.attention:
+            paths = [plot_attention(args.output_dir, args.attention)]
+        else:
+            paths = plot_run(args.output_dir, embedding_map=not args.no_embedding_map, max_points=args.max_points)
+    except (MissingDependencyError, PlotError) as err:
         raise CliError(str(err)) from None
     for path in paths:
         print(path)
@@ -233,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("output_dir")
     pl.add_argument("--max_points", type=int, default=1000, help="points in the embedding map")
     pl.add_argument("--no_embedding_map", action="store_true")
+    pl.add_argument("--attention", nargs="+", metavar="IMAGE", help="instead: the last layer's CLS self-attention of "
+                    "each head over these images (ViT encoders), as plots/attention.png, also put in the encoder's "
+                    "model card")
     ex = sub.add_parser("export", help="export a run's encoder as a plain transformers model")
     ex.add_argument("source", help="a training OUTPUT_DIR or one of its checkpoints/step_N")
     ex.add_argument("--output_dir", required=True)

@@ -41,6 +41,7 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "model_cards"
 PLACEHOLDER = "path/to/encoder"
 LICENSE = "apache-2.0"
 LOSS_CURVE = "loss.png"
+ATTENTION_MAPS = "attention.png"  # ViT encoders: `hf-ssl plot OUTPUT_DIR --attention IMAGE...` puts it beside the encoder
 PRETRAINING = "pretraining"
 # Files never published: pickles (weights must be safetensors) and local bookkeeping.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -384,6 +385,7 @@ def render_model_card(encoder_dir: str | Path, repo_id: str | None = None,
         training_rows=_training_rows(info),
         recipe_yaml=yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).strip() if recipe else "",
         loss_curve=LOSS_CURVE if (encoder_dir / LOSS_CURVE).is_file() else None,
+        attention_maps=ATTENTION_MAPS if (encoder_dir / ATTENTION_MAPS).is_file() else None,
         results=_results_rows(results), any_fewshot=any(r["protocol"].startswith("fewshot") for r in results),
         pretraining=pretraining,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -90,6 +91,86 @@ def plot_training_curves(output_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+# ------------------------------------------------------------------------------------------ attention maps
+
+
+class PlotError(ValueError):
+    """A figure that cannot be drawn from what was given; the message says why."""
+
+
+def cls_attention(encoder, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The last layer's self-attention of the CLS token to the patch tokens, per head: ``[N, heads, H/p, W/p]``
+    (the DINO paper's figure). The patches are the last (H/p)(W/p) tokens, after CLS and any distillation or
+    register tokens. `encoder` must compute eager attention (SDPA returns no weights)."""
+    patch = encoder.config.patch_size
+    rows, cols = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+    with torch.no_grad():
+        attentions = encoder(pixel_values=pixel_values, output_attentions=True).attentions
+    last = attentions[-1]  # [N, heads, tokens, tokens]
+    return last[:, :, 0, -rows * cols:].reshape(last.shape[0], last.shape[1], rows, cols)
+
+
+def attention_figure(encoder_dir: str | Path, images: list[str | Path]):
+    """A matplotlib figure, one row per image: the image as the encoder sees it, then one panel per head of its
+    CLS attention map (upsampled to the image). PlotError for an encoder without a CLS token (a CNN)."""
+    from PIL import Image, UnidentifiedImageError
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    from modeling.backbones import backbone_family
+
+    plt = _pyplot()
+    encoder_dir = Path(encoder_dir)
+    if not (encoder_dir / "config.json").is_file():
+        raise PlotError(f"{encoder_dir} is not an exported encoder (no config.json)")
+    model_type = AutoConfig.from_pretrained(encoder_dir).model_type
+    if not backbone_family(model_type).cls_token:
+        raise PlotError(f"attention maps need a ViT encoder (vit, deit, dinov2, vit_msn): {encoder_dir} is a "
+                        f"{model_type}, which has no CLS token")
+    try:
+        pictures = [Image.open(path).convert("RGB") for path in images]
+    except (OSError, UnidentifiedImageError) as err:
+        raise PlotError(f"cannot read image: {err}") from None
+    encoder = AutoModel.from_pretrained(encoder_dir, attn_implementation="eager").eval()
+    pixels = AutoImageProcessor.from_pretrained(encoder_dir)(pictures, return_tensors="pt")["pixel_values"]
+    maps = cls_attention(encoder, pixels.to(encoder.dtype))
+    maps = torch.nn.functional.interpolate(maps.float(), size=pixels.shape[-2:], mode="nearest")
+    heads = maps.shape[1]
+    fig, axes = plt.subplots(len(pictures), heads + 1, figsize=(1.6 * (heads + 1), 1.6 * len(pictures)),
+                             squeeze=False)
+    for row, (image, image_maps) in enumerate(zip(pixels, maps)):
+        shown = (image - image.min()) / (image.max() - image.min() + 1e-12)  # the normalised input, rescaled
+        axes[row, 0].imshow(shown.permute(1, 2, 0).float().numpy())
+        axes[row, 0].set_title("image" if row == 0 else "", fontsize=8)
+        for head in range(heads):
+            axes[row, head + 1].imshow(image_maps[head].numpy(), cmap="inferno")
+            axes[row, head + 1].set_title(f"head {head + 1}" if row == 0 else "", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("last layer: CLS self-attention per head", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_attention(output_dir: str | Path, images: list[str | Path]) -> Path:
+    """`OUTPUT_DIR/plots/attention.png` from `OUTPUT_DIR/encoder/` (or an encoder directory's own `attention.png`),
+    also put beside the exported encoder and shown in its model card."""
+    from .hub import ATTENTION_MAPS, write_model_card
+
+    output_dir = Path(output_dir)
+    encoder_dir = output_dir / "encoder" if (output_dir / "encoder" / "config.json").is_file() else output_dir
+    fig = attention_figure(encoder_dir, images)
+    path = output_dir / "plots" / ATTENTION_MAPS if encoder_dir != output_dir else output_dir / ATTENTION_MAPS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    if path.parent != encoder_dir:
+        shutil.copy(path, encoder_dir / ATTENTION_MAPS)
+    if (encoder_dir / "hf_ssl.json").is_file():  # an hf-ssl export: its card shows the figure
+        write_model_card(encoder_dir)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------- t-SNE
