@@ -369,12 +369,14 @@ def _type_name(annotation) -> str:
     return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
 
 
-def _given(data: dict, dotted: str):
+def _given(data: dict, dotted: str, default):
+    """The value `data` gives the key `dotted`, or MISSING when it gives none or the default."""
     for part in dotted.split("."):
         if not isinstance(data, dict) or part not in data:
             return dataclasses.MISSING
         data = data[part]
-    return data
+    as_list = list(default) if isinstance(default, tuple) else default  # YAML has lists, signatures tuples
+    return dataclasses.MISSING if data == as_list else data
 
 
 def shared_key_docs(data: dict | None = None) -> list[KeyDoc]:
@@ -383,9 +385,8 @@ def shared_key_docs(data: dict | None = None) -> list[KeyDoc]:
     docs = []
     for f in dataclasses.fields(PretrainingRecipe):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        given = _given(data or {}, f.name)
-        docs.append(KeyDoc(f.name, _type_name(hints[f.name]), default, f.metadata.get("help", ""),
-                           given if f.name not in ("model", "augmentation") else dataclasses.MISSING))
+        given = _given(data or {}, f.name, default) if f.name not in ("model", "augmentation") else dataclasses.MISSING
+        docs.append(KeyDoc(f.name, _type_name(hints[f.name]), default, f.metadata.get("help", ""), given))
     return docs
 
 
@@ -447,9 +448,8 @@ def class_key_docs(cls, prefix: str, given: dict, defaults=None, skip=(), from_b
         default = getattr(defaults, name, param.default) if defaults is not None else param.default
         if name in from_backbone:
             default = "the backbone's feature size"
-        value = _given(given, name)
         docs.append(KeyDoc(f"{prefix}.{name}", _type_name(param.annotation), default, helps.get(name, ""),
-                           value if value != default else dataclasses.MISSING))
+                           _given(given, name, default)))
     return docs
 
 
