@@ -228,7 +228,18 @@ class SeededViews(nn.Module):
 
 class MultiCropViews(SeededViews):
     """DINO multi-crop: `num_global_crops` large crops (the first blurred always, the second rarely and solarized
-    sometimes) and `num_local_crops` small ones. Returns `global_crops` / `local_crops` stacked crop-major."""
+    sometimes) and `num_local_crops` small ones. Returns `global_crops` / `local_crops` stacked crop-major.
+
+    Args:
+        global_crop_size, local_crop_size: output side of the large / small crops, in pixels.
+        global_crop_scale, local_crop_scale: [min, max] area fraction of the image each crop covers.
+        num_local_crops: small crops per image (0: none).
+        color_jitter_p, grayscale_p, flip_p: probabilities of colour jitter, grayscale and horizontal flip, per crop.
+        global_blur_p, global_solarize_p: one Gaussian-blur / solarize probability per global crop.
+        local_blur_p: Gaussian-blur probability of the small crops.
+        color_jitter_strength: [brightness, contrast, saturation, hue]; 0 for saturation and hue is faster on grey
+            images, where they change nothing.
+    """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], global_crop_size: int = 224,
                  global_crop_scale: tuple[float, float] = (0.4, 1.0), num_local_crops: int = 8,
@@ -277,7 +288,16 @@ class TwoViews(SeededViews):
     """Two augmented views of every image (BYOL / MoCo v2 / MoCo v3), returned as `view_1` and `view_2`, each
     `[B, C, crop_size, crop_size]`. The defaults are BYOL's / MoCo v3's asymmetric pair: blur always on view 1 and
     rarely (0.1) on view 2, solarize only on view 2 (0.2). MoCo v2's augmentation: `blur_p: [0.5, 0.5]`,
-    `solarize_p: [0.0, 0.0]` (its colour jitter has saturation 0.4 instead of 0.2; no difference on grey images)."""
+    `solarize_p: [0.0, 0.0]` (its colour jitter has saturation 0.4 instead of 0.2; no difference on grey images).
+
+    Args:
+        crop_size: output side of both views, in pixels.
+        crop_scale: [min, max] area fraction of the image each view covers.
+        color_jitter_p, grayscale_p, flip_p: probabilities of colour jitter, grayscale and horizontal flip, per view.
+        blur_p, solarize_p: one Gaussian-blur / solarize probability per view.
+        color_jitter_strength: [brightness, contrast, saturation, hue]; 0 for saturation and hue is faster on grey
+            images, where they change nothing.
+    """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], crop_size: int = 224,
                  crop_scale: tuple[float, float] = (0.08, 1.0), color_jitter_p: float = 0.8, grayscale_p: float = 0.2,
@@ -306,7 +326,11 @@ class GridViews(TwoViews):
     each view cut into a `grid x grid` grid of crops (`grid_crops`, on the augmented view: the augmentation is per
     view, the cut is deterministic): `view_1`, `view_2` `[B, C, S, S]` and `crops_1`, `crops_2`
     `[B * grid², C, S / grid, S / grid]`, image-major. `grid` must equal the model's `grid_size` (the model checks the
-    crop count) and divide `crop_size`."""
+    crop count) and divide `crop_size`.
+
+    Args:
+        grid: each view is cut into grid x grid crops (the model's `grid_size`); the other keys are `TwoViews`'.
+    """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], crop_size: int = 224,
                  crop_scale: tuple[float, float] = (0.2, 1.0), color_jitter_p: float = 0.8, grayscale_p: float = 0.2,

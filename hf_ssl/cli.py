@@ -3,7 +3,7 @@
     hf-ssl methods
     hf-ssl train RECIPE.yaml [--key value ...]
     hf-ssl eval knn|linear|fewshot --model PATH_OR_REPO|raw-pixels --dataset NAME [--train_split train ...]
-    hf-ssl plot OUTPUT_DIR
+    hf-ssl plot OUTPUT_DIR [--attention IMAGE ...]
     hf-ssl export OUTPUT_DIR_OR_CHECKPOINT --output_dir DIR [--include_pretraining]
     hf-ssl push DIR --repo_id NAME [--private] [--revision BRANCH] [--commit_message MSG] [--overwrite_card]
                     [--include_pretraining] [--pretraining_dir PATH]
@@ -11,7 +11,9 @@
 """
 import argparse
 import json
+import re
 import sys
+import textwrap
 from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -36,6 +38,11 @@ def _train(args, extra: list[str]) -> int:
     from .recipe import load_recipe
     from .train import train
 
+    if args.help:
+        print(train_help(args.recipe, extra))
+        return 0
+    if args.recipe is None:
+        raise CliError("give a recipe: hf-ssl train RECIPE.yaml [--key value ...] (hf-ssl train --help lists the keys)")
     recipe = load_recipe(args.recipe, extra)
     results = train(recipe)
     print(json.dumps(results))
@@ -75,11 +82,14 @@ def _eval(args) -> int:
 
 
 def _plot(args) -> int:
-    from .plots import MissingDependencyError, plot_run
+    from .plots import MissingDependencyError, PlotError, plot_attention, plot_run
 
     try:
-        paths = plot_run(args.output_dir, embedding_map=not args.no_embedding_map, max_points=args.max_points)
-    except MissingDependencyError as err:
+        if args.attention:
+            paths = [plot_attention(args.output_dir, args.attention)]
+        else:
+            paths = plot_run(args.output_dir, embedding_map=not args.no_embedding_map, max_points=args.max_points)
+    except (MissingDependencyError, PlotError) as err:
         raise CliError(str(err)) from None
     for path in paths:
         print(path)
@@ -120,6 +130,50 @@ def _features(args) -> int:
     return 0
 
 
+def train_help(recipe: str | None, overrides: list[str]) -> str:
+    """HfArgumentParser-style help of every recipe key: the shared ones, and with a recipe its method's `model:` and
+    `augmentation:` keys, each with type, default and help (and the recipe's value where it sets another)."""
+    import dataclasses
+
+    from .recipe import KeySection, method_key_docs, read_recipe_data, shared_key_docs
+
+    data = read_recipe_data(recipe, overrides) if recipe else {}
+    sections = [KeySection("shared recipe keys (hf_ssl.recipe.PretrainingRecipe)", None, shared_key_docs(data))]
+    if recipe and "method" in data:
+        sections += method_key_docs(data["method"], data)
+    parser = argparse.ArgumentParser(
+        prog="hf-ssl train", usage="hf-ssl train RECIPE.yaml [--key value ...] [--model.a.b value ...]",
+        description="Pretrain from a YAML recipe; any key below can be overridden with --key value (the value is "
+        "read as YAML; nested keys with dots)." + ("" if recipe else " With a recipe, --help also lists its "
+                                                   "method's model: and augmentation: keys."),
+        formatter_class=_KeyHelpFormatter)
+    parser.add_argument("recipe", help="a YAML recipe, e.g. recipes/dino/fashion-mnist-resnet-tiny.yaml")
+    for section in sections:
+        group = parser.add_argument_group(section.title, section.description)
+        for key in section.keys:
+            default = "required" if key.default is dataclasses.MISSING else f"default: {_yaml_text(key.default)}"
+            given = "" if key.value is dataclasses.MISSING else f"; {Path(recipe).name}: {_yaml_text(key.value)}"
+            group.add_argument(f"--{key.name}", metavar=_metavar(key.type),
+                               help=f"{key.help} ({default}{given})".strip().replace("%", "%%"))
+    return parser.format_help()
+
+
+class _KeyHelpFormatter(argparse.HelpFormatter):
+    def _split_lines(self, text, width):  # as argparse's, without breaking file and key names at their hyphens
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
+def _yaml_text(value) -> str:
+    """A value as a recipe writes it: null, false, [0.4, 1.0]."""
+    return value if isinstance(value, str) else json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def _metavar(type_name: str) -> str:
+    """`float | None` -> FLOAT, `tuple[float, float]` -> [FLOAT,FLOAT], `dict` -> DICT."""
+    name = type_name.replace(" | None", "").replace("None | ", "").replace(" ", "").upper() or "VALUE"
+    return re.sub(r"^(?:TUPLE|LIST)\[(.*)\]$", r"[\1]", name)
+
+
 def one_line(err: Exception) -> str:
     """The error's own message. A DataLoader worker's exception is re-raised in the main process with the
     worker's traceback in its message; its last line is the original `module.Error: message`."""
@@ -134,9 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "for the Hugging Face ecosystem.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("methods", help="list methods and their recipes")
-    train = sub.add_parser("train", help="pretrain from a YAML recipe; any recipe key can be overridden "
-                           "with --key value (nested: --model.head_config.out_dim 4096)")
-    train.add_argument("recipe", help="a YAML recipe, e.g. recipes/dino/fashion-mnist-resnet-tiny.yaml")
+    # Its --help lists every recipe key (train_help): the keys are not argparse options, so that overrides stay YAML
+    # typed and nested keys work.
+    train = sub.add_parser("train", add_help=False, help="pretrain from a YAML recipe; any recipe key can be "
+                           "overridden with --key value (nested: --model.head_config.out_dim 4096)")
+    train.add_argument("recipe", nargs="?", help="a YAML recipe, e.g. recipes/dino/fashion-mnist-resnet-tiny.yaml")
+    train.add_argument("-h", "--help", action="store_true")
     ev = sub.add_parser("eval", help="evaluate an encoder (knn / linear probe on frozen features, low-label "
                         "fine-tuning); prints one JSON object and appends its records to the model dir's "
                         "eval_results.json")
@@ -179,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("output_dir")
     pl.add_argument("--max_points", type=int, default=1000, help="points in the embedding map")
     pl.add_argument("--no_embedding_map", action="store_true")
+    pl.add_argument("--attention", nargs="+", metavar="IMAGE", help="instead: the last layer's CLS self-attention of "
+                    "each head over these images (ViT encoders), as plots/attention.png, also put in the encoder's "
+                    "model card")
     ex = sub.add_parser("export", help="export a run's encoder as a plain transformers model")
     ex.add_argument("source", help="a training OUTPUT_DIR or one of its checkpoints/step_N")
     ex.add_argument("--output_dir", required=True)

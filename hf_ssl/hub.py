@@ -41,6 +41,7 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "model_cards"
 PLACEHOLDER = "path/to/encoder"
 LICENSE = "apache-2.0"
 LOSS_CURVE = "loss.png"
+ATTENTION_MAPS = "attention.png"  # ViT encoders: `hf-ssl plot OUTPUT_DIR --attention IMAGE...` puts it beside the encoder
 PRETRAINING = "pretraining"
 # Files never published: pickles (weights must be safetensors) and local bookkeeping.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -388,6 +389,7 @@ def render_model_card(encoder_dir: str | Path, repo_id: str | None = None,
         training_rows=_training_rows(info),
         recipe_yaml=yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).strip() if recipe else "",
         loss_curve=LOSS_CURVE if (encoder_dir / LOSS_CURVE).is_file() else None,
+        attention_maps=ATTENTION_MAPS if (encoder_dir / ATTENTION_MAPS).is_file() else None,
         results=_results_rows(results), any_fewshot=any(r["protocol"].startswith("fewshot") for r in results),
         pretraining=pretraining,
     )
@@ -509,20 +511,9 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
 
     api = HfApi(endpoint=endpoint, token=token)
     with _hub_errors(api.endpoint, repo_id) as stage:
-        if (token or api.token) is None:
-            from huggingface_hub import get_token
-
-            if get_token() is None:
-                raise HubError("no Hugging Face token: log in with `hf auth login` or set HF_TOKEN "
-                               "(a token with write access)")
-        if "/" not in repo_id:
-            repo_id = f"{api.whoami()['name']}/{repo_id}"
-            stage.repo_id = repo_id
+        repo_id = stage.repo_id = _create_repo(api, repo_id, private, revision)
         card = _card_bytes(encoder_dir, repo_id, pretraining)
-        api.create_repo(repo_id, private=private, exist_ok=True)
         branch = revision or "main"
-        if branch != "main":
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
         head = api.model_info(repo_id, revision=branch)
         card_status = "none"
         if card is not None:
@@ -542,6 +533,81 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
     return PushResult(repo_id=repo_id, revision=branch, commit_url=info.commit_url, commit_oid=info.oid,
                       files=sorted([*uploads] + (["README.md"] if card_status == "uploaded" else [])), card=card_status,
                       skipped=skipped)
+
+
+def _create_repo(api, repo_id: str, private: bool, revision: str | None) -> str:
+    """Create the repo (NAME: in the token's namespace) and the branch `revision` if needed; the full repo id. Fails
+    on a missing or rejected token and on a namespace the token cannot write to."""
+    if api.token is None:
+        from huggingface_hub import get_token
+
+        if get_token() is None:
+            raise HubError("no Hugging Face token: log in with `hf auth login` or set HF_TOKEN "
+                           "(a token with write access)")
+    if "/" not in repo_id:
+        repo_id = f"{api.whoami()['name']}/{repo_id}"
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return repo_id
+
+
+# ------------------------------------------------------------------------------------ push from training
+# The recipe keys push_to_hub, hub_model_id, hub_private_repo, hub_revision, hub_strategy (TrainingArguments' names
+# and meanings), through the same push_to_hub as `hf-ssl push`.
+
+
+def hub_repo_id(recipe) -> str:
+    """The recipe's hub_model_id, else (as in TrainingArguments) the name of its output_dir."""
+    return recipe.hub_model_id or Path(recipe.output_dir).resolve().name
+
+
+def init_hub_repo(recipe) -> str:
+    """Before any training step (push_to_hub): a valid repo id, a token, and the repo (and branch) created as
+    transformers' Trainer does, so that a run never trains and then fails to publish. Returns the full repo id."""
+    repo_id = hub_repo_id(recipe)
+    try:
+        validate_repo_id(repo_id)
+    except HubError as err:
+        raise HubError(f"push_to_hub: {err} (hub_model_id, or the name of output_dir when it is null)") from None
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    with _hub_errors(api.endpoint, repo_id):
+        repo_id = _create_repo(api, repo_id, recipe.hub_private_repo, recipe.hub_revision)
+    logger.info("push_to_hub: the encoder will be pushed to %s", repo_id)
+    return repo_id
+
+
+def push_checkpoint(recipe, checkpoint: Path) -> None:
+    """hub_strategy every_save: the checkpoint's encoder (exported, with its card) as a new commit to the run's repo.
+    A failure is logged and training goes on: the end-of-training push publishes the final encoder."""
+    import tempfile
+
+    repo_id = hub_repo_id(recipe)
+    with tempfile.TemporaryDirectory(prefix=".hub_push_", dir=recipe.output_dir) as tmp:
+        try:
+            encoder_dir = export_encoder(checkpoint, Path(tmp) / "encoder")
+            result = push_to_hub(encoder_dir, repo_id, private=recipe.hub_private_repo, revision=recipe.hub_revision,
+                                 commit_message=f"Training in progress, {checkpoint.name.replace('_', ' ')}")
+        except (ExportError, HubError) as err:
+            logger.warning("push_to_hub: %s was not pushed: %s", checkpoint.name, err)
+            return
+    logger.info("push_to_hub: %s pushed to %s (%s)", checkpoint.name, result.repo_id, result.commit_url)
+
+
+def push_trained_encoder(recipe) -> PushResult:
+    """The end of a push_to_hub run: OUTPUT_DIR/encoder with its card (eval results included) as one commit; the
+    run's card replaces the one on the Hub (a checkpoint's, or an earlier run's), as Trainer.push_to_hub does."""
+    repo_id, output_dir = hub_repo_id(recipe), Path(recipe.output_dir)
+    try:
+        result = push_to_hub(output_dir / "encoder", repo_id, private=recipe.hub_private_repo,
+                             revision=recipe.hub_revision, commit_message="End of training", overwrite_card=True)
+    except HubError as err:
+        raise HubError(f"{err}. The run is complete in {output_dir}: publish it with hf-ssl push {output_dir} "
+                       f"--repo_id {repo_id}") from None
+    logger.info("push_to_hub: pushed to %s (%s)", result.repo_id, result.commit_url)
+    return result
 
 
 def _hf_ssl_info(encoder_dir: Path) -> dict:

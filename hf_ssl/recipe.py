@@ -33,101 +33,139 @@ class RecipeError(ValueError):
 
 @dataclass
 class PretrainingRecipe:
-    """Every key of a pretraining recipe. Names follow transformers' `TrainingArguments` where one exists."""
+    """Every key of a pretraining recipe. Names follow transformers' `TrainingArguments` where one exists; each key's
+    help is its field's `metadata["help"]`, which `hf-ssl train --help` shows (written nowhere else)."""
 
-    method: str
-    output_dir: str
+    method: str = field(metadata={"help": "The self-supervised method: dino, moco, disco or fast_moco (hf-ssl methods)."})
+    output_dir: str = field(metadata={"help": "Where config.yaml, metrics.jsonl, checkpoints/, pretraining/, encoder/ "
+                                              "and plots/ are written."})
     # --- data ---
-    dataset_name: str = "fashion_mnist"
-    dataset_config: str | None = None
-    train_split: str = "train"
-    eval_split: str | None = "test"
-    image_column: str | None = None
-    label_column: str | None = None
-    streaming: bool = False
-    image_size: int = 224  # images are decoded to image_size x image_size (shorter side, then centre crop)
-    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    on_bad_image: str = "error"
-    dataloader_num_workers: int = 2
+    dataset_name: str = field(default="fashion_mnist", metadata={
+        "help": "A 🤗 dataset: Hub name, local path (save_to_disk or imagefolder) or parquet file(s)."})
+    dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    train_split: str = field(default="train", metadata={"help": "The split to pretrain on."})
+    eval_split: str | None = field(default="test", metadata={
+        "help": "The labelled split of the kNN evaluation (the train split is its memory bank); null: none."})
+    image_column: str | None = field(default=None, metadata={"help": "The image column; null: the first Image "
+                                                                     "feature."})
+    label_column: str | None = field(default=None, metadata={
+        "help": "The label column of the kNN evaluation; null: the first ClassLabel column or 'label'."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Stream the dataset (IterableDataset, sharded per process); needs max_steps."})
+    image_size: int = field(default=224, metadata={
+        "help": "Images are decoded to image_size x image_size (shorter side, then centre crop)."})
+    image_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406], metadata={
+        "help": "Per-channel (RGB) normalisation mean, also the exported image processor's."})
+    image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225], metadata={
+        "help": "Per-channel (RGB) normalisation std, also the exported image processor's."})
+    on_bad_image: str = field(default="error", metadata={
+        "help": "A truncated or unreadable image: error (stop, naming it) or skip (listed in bad_images.txt)."})
+    dataloader_num_workers: int = field(default=2, metadata={"help": "Image-decoding DataLoader workers."})
     # --- model ---
-    backbone: str | None = "resnet-50"  # a preset of modeling.backbones.BACKBONE_PRESETS
-    backbone_config: dict | None = None  # or a full transformers config (with model_type)
-    backbone_name_or_path: str | None = None  # or start from a pretrained transformers checkpoint
-    model: dict = field(default_factory=dict)  # keyword arguments of the method's config class
-    augmentation: dict = field(default_factory=dict)  # keyword arguments of the method's view recipe
+    backbone: str | None = field(default="resnet-50", metadata={
+        "help": "A backbone preset of modeling.backbones.BACKBONE_PRESETS (resnet-tiny, resnet-50, vit-small-16, ...)."})
+    backbone_config: dict | None = field(default=None, metadata={
+        "help": "Or a full transformers backbone config (a mapping with model_type)."})
+    backbone_name_or_path: str | None = field(default=None, metadata={
+        "help": "Or start from a pretrained transformers vision checkpoint (Hub id or local directory)."})
+    model: dict = field(default_factory=dict, metadata={
+        "help": "Keyword arguments of the method's config class (hf-ssl train RECIPE.yaml --help lists them)."})
+    augmentation: dict = field(default_factory=dict, metadata={
+        "help": "Keyword arguments of the method's view recipe (hf-ssl train RECIPE.yaml --help lists them)."})
     # --- optimisation ---
-    # Batch size. per_device_train_batch_size: images per process per forward (micro-)step, as in transformers; the
-    # global batch of one optimizer step is per_device_train_batch_size x processes x gradient_accumulation_steps.
-    # total_train_batch_size (optional): that global batch, fixed by the recipe whatever the number of processes;
-    # per_device_train_batch_size is then derived (total / (processes x accumulation), which must divide) and the
-    # recipe's per_device_train_batch_size is ignored. Either way the global batch of a step is the same images,
-    # with the same augmentations, on any number of processes (README, "Distributed training").
-    per_device_train_batch_size: int = 64
-    total_train_batch_size: int | None = None
-    gradient_accumulation_steps: int = 1
-    num_train_epochs: float = 100.0
-    max_steps: int = -1  # > 0 overrides num_train_epochs
-    # adamw | sgd | lars (SGD with momentum and layer-wise trust ratios, as in MoCo v3 / BYOL; the model's
-    # parameter groups say which parameters are adapted and decayed: by default not biases and norms)
-    optimizer: str = "adamw"
-    learning_rate: float = 5e-4
-    lr_scaling_batch_size: int | None = 256  # peak lr = learning_rate * global batch / this (None: as given)
-    min_learning_rate: float = 1e-6
-    warmup_epochs: float = 10.0
-    weight_decay: float = 0.04
-    weight_decay_end: float | None = None  # cosine from weight_decay to this (DINO: 0.04 -> 0.4); null: constant
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    sgd_momentum: float = 0.9  # sgd and lars
-    lars_trust_coefficient: float = 0.001
-    max_grad_norm: float | None = 3.0
-    clip_grad_per_parameter: bool = False  # true: each parameter's gradient norm separately (DINO); false: global
-    ema_momentum: float = 0.996  # teacher / momentum-encoder EMA rate, cosine to ema_momentum_end
-    ema_momentum_end: float = 1.0
-    # BatchNorm statistics over the global batch (SyncBatchNorm) when training on several processes, so that results
-    # do not depend on the number of processes. false: per-process statistics (MoCo v2 then uses shuffle-BN, as in
-    # the paper). No effect on one process or on LayerNorm-only models (ViT).
-    sync_batchnorm: bool = True
+    # Either way the global batch of a step is the same images, with the same augmentations, on any number of
+    # processes (README, "Distributed training").
+    per_device_train_batch_size: int = field(default=64, metadata={
+        "help": "Images per process per forward (micro-)step; a step's global batch is this x processes x "
+                "gradient_accumulation_steps."})
+    total_train_batch_size: int | None = field(default=None, metadata={
+        "help": "The global batch of one optimizer step, whatever the number of processes; per_device_train_batch_size "
+                "is then derived (it must divide) and the recipe's ignored."})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "Micro-steps accumulated per optimizer step."})
+    num_train_epochs: float = field(default=100.0, metadata={"help": "Training length in epochs."})
+    max_steps: int = field(default=-1, metadata={"help": "Training length in optimizer steps; > 0 overrides "
+                                                         "num_train_epochs."})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw, sgd or lars (SGD with momentum and layer-wise trust ratios, MoCo v3 / BYOL); the model's "
+                "parameter groups say which parameters are adapted and decayed."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "The peak learning rate before batch scaling."})
+    lr_scaling_batch_size: int | None = field(default=256, metadata={
+        "help": "Peak lr = learning_rate x global batch / this; null: learning_rate as given."})
+    min_learning_rate: float = field(default=1e-6, metadata={"help": "The end of the cosine lr schedule."})
+    warmup_epochs: float = field(default=10.0, metadata={"help": "Linear lr warmup, in epochs."})
+    weight_decay: float = field(default=0.04, metadata={"help": "Weight decay (at the start, with weight_decay_end)."})
+    weight_decay_end: float | None = field(default=None, metadata={
+        "help": "Cosine from weight_decay to this (DINO: 0.04 -> 0.4); null: constant."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW's beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW's beta2."})
+    sgd_momentum: float = field(default=0.9, metadata={"help": "Momentum of sgd and lars."})
+    lars_trust_coefficient: float = field(default=0.001, metadata={"help": "LARS's trust coefficient."})
+    max_grad_norm: float | None = field(default=3.0, metadata={"help": "Gradient clipping norm; null: no clipping."})
+    clip_grad_per_parameter: bool = field(default=False, metadata={
+        "help": "Clip each parameter's gradient norm separately (DINO); false: the global norm."})
+    ema_momentum: float = field(default=0.996, metadata={
+        "help": "Teacher / momentum-encoder EMA rate at the start, cosine to ema_momentum_end."})
+    ema_momentum_end: float = field(default=1.0, metadata={"help": "The EMA rate at the end of training."})
+    # Global statistics make results independent of the number of processes.
+    sync_batchnorm: bool = field(default=True, metadata={
+        "help": "BatchNorm statistics over the global batch on several processes; false: per process (MoCo v2 "
+                "then shuffles BN, as in the paper)."})
     # --- run ---
-    seed: int = 42
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    # The model's weights and computation: float32, or float64 for numerical checks (in float64 a run on W processes
-    # reproduces the one-process run to rounding; in float32 rounding differences grow, see tests/test_distributed.py).
-    dtype: str = "float32"  # float32 | float64
-    # Convolution weights and views in channels-last (NHWC) memory format: faster for CNN backbones with oneDNN on CPU
-    # (the demo's resnet, 1 thread: 1.3x its forward/backward; max-pooling alone 10x) and with mixed precision on GPU.
-    # The saved weights are the same tensors in the usual layout.
-    channels_last: bool = False
-    logging_steps: int = 10
-    checkpointing_steps: int | None = None
-    save_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None  # a checkpoint dir or "latest"
-    with_tracking: bool = False
-    report_to: str = "all"
-    do_eval: bool = True  # kNN on (train_split, eval_split) at the end of training
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    eval_batch_size: int = 256
-    eval_steps: int | None = None  # online kNN (knn_k, knn_temperature) every N optimizer steps; None: off
-    eval_subset_size: int | None = 5000  # online kNN: seeded random subsets of at most N train (memory bank) and
-    # N eval_split (query) images; None: the full splits
+    seed: int = field(default=42, metadata={"help": "Seed of the initialisation, data order and augmentations."})
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (accelerate)."})
+    # In float64 a run on W processes reproduces the one-process run to rounding; in float32 rounding differences
+    # grow (tests/test_distributed.py).
+    dtype: str = field(default="float32", metadata={
+        "help": "The weights' and computation's dtype: float32, or float64 for numerical checks."})
+    # The demo's resnet, 1 thread: 1.3x its forward/backward (max-pooling alone 10x); the saved weights are the same
+    # tensors in the usual layout.
+    channels_last: bool = field(default=False, metadata={
+        "help": "Convolution weights and views in channels-last memory format: faster for CNNs with oneDNN on CPU "
+                "and with mixed precision on GPU."})
+    logging_steps: int = field(default=10, metadata={"help": "Write a metrics.jsonl record every N optimizer steps."})
+    checkpointing_steps: int | None = field(default=None, metadata={
+        "help": "Save checkpoints/step_N every N optimizer steps; null: none."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest N checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "A checkpoints/step_N directory, or latest."})
+    with_tracking: bool = field(default=False, metadata={"help": "Also log to the trackers of report_to."})
+    report_to: str = field(default="all", metadata={"help": "accelerate tracker (tensorboard, wandb, ...) or all."})
+    do_eval: bool = field(default=True, metadata={"help": "kNN on (train_split, eval_split) at the end of training."})
+    knn_k: int = field(default=20, metadata={"help": "Neighbours of the kNN evaluation."})
+    knn_temperature: float = field(default=0.07, metadata={"help": "Temperature of the weighted kNN vote."})
+    eval_batch_size: int = field(default=256, metadata={"help": "Batch size of feature extraction."})
+    eval_steps: int | None = field(default=None, metadata={
+        "help": "Online kNN every N optimizer steps (on eval_subset_size images); null: off."})
+    eval_subset_size: int | None = field(default=5000, metadata={
+        "help": "Online kNN: seeded random subsets of at most N train (memory bank) and N eval_split images; "
+                "null: the full splits."})
+    # --- Hub (TrainingArguments' names and meanings; the token comes from HF_TOKEN or `hf auth login`, never from
+    # the recipe, so that it is never written to config.yaml) ---
+    push_to_hub: bool = field(default=False, metadata={
+        "help": "Publish the encoder and its card to the Hub after the final evaluation (checked before training)."})
+    hub_model_id: str | None = field(default=None, metadata={
+        "help": "The repo: NAMESPACE/NAME, or NAME in your namespace; null: the name of output_dir."})
+    hub_private_repo: bool = field(default=False, metadata={"help": "Create the repo private (an existing one keeps "
+                                                                    "its visibility)."})
+    hub_revision: str | None = field(default=None, metadata={"help": "The branch to push to (created if needed); "
+                                                                     "null: main."})
+    hub_strategy: str = field(default="end", metadata={
+        "help": "end: push after the final evaluation; every_save: also push each checkpoint's encoder as a commit."})
     # --- reliability ---
-    # A non-finite (NaN/Inf) loss. stop: raise, naming the step and the last good checkpoint. skip: the optimizer
-    # step is skipped (gradients zeroed, no optimizer step, no EMA update, buffers such as DINO's center and
-    # BatchNorm statistics restored to their values before the step), it is counted as `skipped_steps` in
-    # metrics.jsonl, and training goes on; after nan_max_consecutive_skips skipped steps in a row it stops as
-    # under stop.
-    nan_policy: str = "stop"
-    nan_max_consecutive_skips: int = 10
-    # Collapse monitor: a warning is logged when the logged embedding_std (std over the batch of L2-normalised
-    # embeddings, 1/sqrt(d) when they are spread out, 0 when collapsed) falls below
-    # collapse_std_fraction / sqrt(d); null: no warning (embedding_std is logged regardless).
-    collapse_std_fraction: float | None = 0.1
+    nan_policy: str = field(default="stop", metadata={
+        "help": "A NaN/Inf loss: stop (naming the step and the last good checkpoint) or skip the step (no optimizer "
+                "step, no EMA, buffers restored; counted as skipped_steps)."})
+    nan_max_consecutive_skips: int = field(default=10, metadata={
+        "help": "With nan_policy skip: stop after this many skipped steps in a row."})
+    # embedding_std: std over the batch of L2-normalised embeddings, 1/sqrt(d) when spread out, 0 when collapsed.
+    collapse_std_fraction: float | None = field(default=0.1, metadata={
+        "help": "Warn when the logged embedding_std falls below this / sqrt(d); null: no warning."})
 
     def __post_init__(self):
         choices = {"optimizer": ("adamw", "sgd", "lars"), "mixed_precision": ("no", "fp16", "bf16"),
-                   "dtype": ("float32", "float64"), "on_bad_image": ("skip", "error"), "nan_policy": ("stop", "skip")}
+                   "dtype": ("float32", "float64"), "on_bad_image": ("skip", "error"), "nan_policy": ("stop", "skip"),
+                   "hub_strategy": ("end", "every_save")}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise RecipeError(f"{key}={getattr(self, key)!r} is not one of {list(valid)}")
@@ -270,8 +308,8 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = None) -> PretrainingRecipe:
-    """Read a YAML recipe, apply overrides, validate every key and value."""
+def read_recipe_data(path: str | Path | None, overrides: list[str] | dict | None = None) -> dict:
+    """The YAML recipe as a mapping with the overrides merged in, not yet validated."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -283,6 +321,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
     if overrides:
         extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
         data = _merge(data, extra)
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = None) -> PretrainingRecipe:
+    """Read a YAML recipe, apply overrides, validate every key and value."""
+    data = read_recipe_data(path, overrides)
     moved = [k for k in data if k in MOVED_KEYS]
     if moved:
         raise RecipeError("; ".join(f"recipe key {k!r} moved to {MOVED_KEYS[k]}" for k in moved))
@@ -300,3 +344,157 @@ def load_recipe(path: str | Path | None, overrides: list[str] | dict | None = No
 
 def save_recipe(recipe: PretrainingRecipe, path: Path) -> None:
     path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------------------ key docs
+# What `hf-ssl train [RECIPE.yaml] --help` lists. The help of a key is written once: a shared key's in its field's
+# metadata, a method's model key in its config class's docstring (`Args:`), a view key in its view recipe's docstring.
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One recipe key: dotted name (`model.head_config.out_dim`), type, default (MISSING: required), help, and the
+    value a recipe gives it (MISSING: none, or the default)."""
+
+    name: str
+    type: str
+    default: object
+    help: str
+    value: object = dataclasses.MISSING
+
+
+def _type_name(annotation) -> str:
+    if annotation is inspect.Parameter.empty:
+        return ""
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+def _given(data: dict, dotted: str, default):
+    """The value `data` gives the key `dotted`, or MISSING when it gives none or the default."""
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return dataclasses.MISSING
+        data = data[part]
+    as_list = list(default) if isinstance(default, tuple) else default  # YAML has lists, signatures tuples
+    return dataclasses.MISSING if data == as_list else data
+
+
+def shared_key_docs(data: dict | None = None) -> list[KeyDoc]:
+    """Every key of `PretrainingRecipe`, with the value `data` (a recipe mapping) gives it."""
+    hints = typing.get_type_hints(PretrainingRecipe)
+    docs = []
+    for f in dataclasses.fields(PretrainingRecipe):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        given = _given(data or {}, f.name, default) if f.name not in ("model", "augmentation") else dataclasses.MISSING
+        docs.append(KeyDoc(f.name, _type_name(hints[f.name]), default, f.metadata.get("help", ""), given))
+    return docs
+
+
+def docstring_args(cls) -> dict[str, str]:
+    """The help of each keyword argument in the `Args:` section of `cls`'s docstring (transformers' style: `name
+    (`type`, defaults to x): text`, several names may share an entry), as one line."""
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's entry overrides its base's
+        helps.update(_own_docstring_args(klass.__dict__.get("__doc__")))
+    return helps
+
+
+def _own_docstring_args(doc: str | None) -> dict[str, str]:
+    doc = inspect.cleandoc(doc or "")
+    if "\nArgs:\n" not in doc:
+        return {}
+    entries: list[list[str]] = []
+    for line in doc.split("\nArgs:\n", 1)[1].splitlines():
+        if not line.strip():
+            break
+        indent = len(line) - len(line.lstrip())
+        if not entries or indent <= entries[0][0]:
+            entries.append([indent, line.strip()])
+        else:
+            entries[-1][1] += " " + line.strip()
+    helps, pending = {}, ""
+    for _, text in entries:
+        text = pending + text
+        names, sep, rest = _split_outside_brackets(text)
+        if not sep:  # names continue on the next entry line
+            pending = text + " "
+            continue
+        pending = ""
+        for name in re.sub(r"\([^)]*\)", "", names).split(","):
+            if name.strip().isidentifier():
+                helps[name.strip()] = rest.strip()
+    return helps
+
+
+def _split_outside_brackets(text: str) -> tuple[str, str, str]:
+    """`text` split at its first ": " that is outside parentheses and backticks."""
+    depth, quoted = 0, False
+    for i, char in enumerate(text):
+        depth += (char == "(") - (char == ")")
+        quoted ^= char == "`"
+        if char == ":" and depth == 0 and not quoted and text[i + 1:i + 2] in (" ", ""):
+            return text[:i], ":", text[i + 1:]
+    return text, "", ""
+
+
+def class_key_docs(cls, prefix: str, given: dict, defaults=None, skip=(), from_backbone=()) -> list[KeyDoc]:
+    """The keyword arguments of `cls(...)` as keys `prefix.name`; defaults from the attributes of `defaults` (an
+    instance, where the signature's None stands for a computed default) else the signature; help from the docstring."""
+    helps = docstring_args(cls)
+    docs = []
+    for name, param in inspect.signature(cls).parameters.items():
+        if name in skip or param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+            continue
+        default = getattr(defaults, name, param.default) if defaults is not None else param.default
+        if name in from_backbone:
+            default = "the backbone's feature size"
+        docs.append(KeyDoc(f"{prefix}.{name}", _type_name(param.annotation), default, helps.get(name, ""),
+                           _given(given, name, default)))
+    return docs
+
+
+@dataclass(frozen=True)
+class KeySection:
+    """A group of keys in `hf-ssl train --help`."""
+
+    title: str
+    description: str | None
+    keys: list[KeyDoc]
+
+
+def method_key_docs(method: str, data: dict) -> list[KeySection]:
+    """The `model:` keys of `method`'s config class (and of its head sub-configs), and the `augmentation:` keys of its
+    view recipe; values from the recipe mapping `data`."""
+    from modeling import METHODS
+
+    from .augment import VIEW_RECIPES
+
+    if method not in METHODS:
+        raise RecipeError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    config_cls = METHODS[method].config_class
+    model = data.get("model") or {}
+    scalars = {k: v for k, v in model.items() if k not in config_cls.sub_configs}
+    helps = docstring_args(config_cls)
+    sections = [KeySection(f"model: keys of {config_cls.__name__}", None, class_key_docs(
+        config_cls, "model", model, _config_or_none(config_cls), skip=("backbone_config", *config_cls.sub_configs)))]
+    for key, sub_cls in config_cls.sub_configs.items():
+        # A head's defaults depend on other keys (MoCo's version), so they come from a config built with the recipe's
+        # non-head keys; a head the method refuses there (MoCo v2's predictor, DisCo's) is not listed.
+        built = _config_or_none(config_cls, **scalars, **{key: {}}) or _config_or_none(config_cls, **{key: {}})
+        if key == "backbone_config" or built is None:
+            continue
+        sections.append(KeySection(f"model.{key}: keys of {sub_cls.__name__}", helps.get(key), class_key_docs(
+            sub_cls, f"model.{key}", model.get(key) or {}, getattr(built, key),
+            from_backbone=("in_dim",) if key in getattr(config_cls, "backbone_feature_configs", ()) else ())))
+    views = VIEW_RECIPES[METHODS[method].views]
+    sections.append(KeySection(f"augmentation: keys of the {METHODS[method].views} view recipe ({views.__name__})",
+                               None, class_key_docs(views, "augmentation", data.get("augmentation") or {},
+                                                    skip=("mean", "std"))))
+    return sections
+
+
+def _config_or_none(config_cls, **kwargs):
+    try:
+        return config_cls(**kwargs)
+    except (ValueError, TypeError):  # e.g. a recipe's invalid value: its defaults are then the class's
+        return None

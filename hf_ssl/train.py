@@ -46,6 +46,7 @@ from .augment import build_views, check_input_columns_cover_views, check_views_m
 from .checkpointing import (DATA_STATE_FILE, BatchLayout, TrainingError, checkpoint_dirs, load_checkpoint,
                             resolve_checkpoint, save_checkpoint, supersede_after)
 from .data import DataError, ImageDecoder, build_dataloader, label_column_of, load_image_dataset, num_examples
+from .hub import init_hub_repo, push_checkpoint, push_trained_encoder
 from .monitoring import BadImageLog, CollapseMonitor, loss_is_finite
 from .optimization import apply_schedule, build_optimizer, clip_gradients
 from .recipe import PretrainingRecipe, RecipeError, check_keys, init_keys, save_recipe
@@ -310,6 +311,8 @@ def setup(recipe: PretrainingRecipe) -> Run:
         # split_batches: the loader yields the global micro-batch, each process takes its contiguous slice
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, split_batches=True),
     )
+    if recipe.push_to_hub and accelerator.is_main_process:  # a push that cannot work is refused before training
+        init_hub_repo(recipe)
     set_seed(recipe.seed)
     model = build_model(recipe)
     try:
@@ -590,6 +593,8 @@ def finish(run: Run, state: LoopState, monitors: Monitors, train_seconds: float)
             write_model_card(output_dir / "encoder")
         # curves; t-SNE map of the eval features cached by the kNN above (none without it: labels may be missing)
         plot_run(output_dir, extract=False, embedding_map=bool(recipe.do_eval and recipe.eval_split))
+        if recipe.push_to_hub:
+            results["hub_commit_url"] = push_trained_encoder(recipe).commit_url
     if recipe.with_tracking:
         accelerator.end_training()
     return results
@@ -642,5 +647,7 @@ def train(recipe: PretrainingRecipe) -> dict:
             state.last_checkpoint = save_checkpoint(accelerator, run.output_dir, state.step, recipe.save_total_limit,
                                                     core.config, run.layout,
                                                     data_state=state.data_state if run.streaming else None)
+            if recipe.push_to_hub and recipe.hub_strategy == "every_save" and accelerator.is_main_process:
+                push_checkpoint(recipe, state.last_checkpoint)
     monitors.progress_bar.close()
     return finish(run, state, monitors, time.perf_counter() - train_start)

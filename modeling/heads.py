@@ -90,7 +90,17 @@ class ProjectionHead(PreTrainedModel):
 
 
 class DinoHeadConfig(PretrainedConfig):
-    """DINO projection head: MLP -> bottleneck -> L2-norm -> weight-normed linear to `out_dim` prototypes."""
+    """DINO projection head: MLP -> bottleneck -> L2-norm -> weight-normed linear to `out_dim` prototypes.
+
+    Args:
+        in_dim: input size (the backbone's pooled feature).
+        hidden_dim: hidden width of the MLP.
+        bottleneck_dim: output size of the MLP, L2-normalised before the prototype layer.
+        out_dim: number of prototypes (the softmax's size).
+        num_layers: linear layers of the MLP.
+        use_bn: BatchNorm after every hidden linear layer.
+        norm_last_layer: the prototype layer's weight norms stay 1 (DINO); false: they are learned.
+    """
 
     model_type = "hf_ssl_dino_head"
 

@@ -302,12 +302,22 @@ def test_tsne_keeps_clusters_apart():
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(60) % 3
     x = torch.randn(3, 20, generator=g)[labels] * 4 + torch.randn(60, 20, generator=g)
-    y = tsne(x, iterations=200, exaggeration_iterations=100)
+    y = tsne(x)
     d = torch.cdist(y, y).fill_diagonal_(float("inf"))
     assert y.shape == (60, 2) and (labels[d.argmin(1)] == labels).float().mean() >= 0.95
     # and not by chance: random labels are not kept apart
     shuffled = labels[torch.randperm(60, generator=g)]
     assert (shuffled[d.argmin(1)] == shuffled).float().mean() < 0.8
+
+
+def test_tsne_without_scikit_learn_names_the_plots_extra(monkeypatch):
+    import sys
+
+    from hf_ssl.plots import MissingDependencyError, tsne
+
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)  # import fails as if not installed
+    with pytest.raises(MissingDependencyError, match=r'pip install "hf-ssl\[plots\]"'):
+        tsne(torch.randn(10, 4))
 
 
 # ------------------------------------------------------------------------------------------------ CLI

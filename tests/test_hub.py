@@ -326,6 +326,61 @@ def test_push_errors_are_clear_and_commit_nothing(case, run_dir, local_hub, tmp_
         assert len(hub.requests) == n_requests  # refused before talking to the Hub
 
 
+# ------------------------------------------------------------------------------- push_to_hub from training
+
+
+def history(hub: FakeHub, repo_id: str, branch: str = "main") -> list:
+    """The commits of a branch, oldest first."""
+    repo, commits, oid = hub.repos[repo_id], [], hub.repos[repo_id].branches[branch]
+    while oid is not None:
+        commits.append(repo.commits[oid])
+        oid = repo.commits[oid].parent
+    return commits[::-1]
+
+
+def test_train_with_push_to_hub_every_save_pushes_each_checkpoint_then_the_final_encoder(
+        tiny_recipe, local_hub, capsys, caplog):
+    hub = local_hub
+    code, out, err = run_main(capsys, "train", tiny_recipe, "--max_steps", "4", "--checkpointing_steps", "2",
+                              "--push_to_hub", "true", "--hub_model_id", "tiny-dino", "--hub_strategy", "every_save")
+    assert code == 0, err
+    commits = history(hub, "user/tiny-dino")
+    assert [c.message for c in commits] == ["initial commit", "Training in progress, step 2",
+                                            "Training in progress, step 4", "End of training"]
+    run = tiny_recipe.parent / "run"
+    final = hub.files("user/tiny-dino")
+    assert final["model.safetensors"] == (run / "encoder" / "model.safetensors").read_bytes()
+    assert commits[1].files["model.safetensors"] != final["model.safetensors"]  # step 2's weights, then later ones
+    card = final["README.md"].decode()
+    assert "user/tiny-dino" in card and "knn-top1" in card  # the run's card, with its evaluation, replaced step 4's
+    assert json.loads(out.strip().splitlines()[-1])["hub_commit_url"]
+    written = b"".join(p.read_bytes() for p in run.rglob("*") if p.is_file())
+    assert SENTINEL.encode() not in written and SENTINEL not in out + err + caplog.text
+    assert "hub_token" not in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("rejected_token", "rejected the credentials (401)"),
+    ("no_token", "no Hugging Face token"),
+    ("bad_repo_id", "push_to_hub: invalid repo id 'user/not a name!'"),
+])
+def test_a_push_that_cannot_work_is_refused_before_any_training_step(case, expected, tiny_recipe, local_hub, capsys,
+                                                                     monkeypatch):
+    repo_id = "user/not a name!" if case == "bad_repo_id" else "user/refused"
+    if case == "rejected_token":
+        monkeypatch.setenv("HF_TOKEN", "hf_wrongtoken0123456789abcdefghij")
+    elif case == "no_token":
+        monkeypatch.delenv("HF_TOKEN")
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    before = hub_state(local_hub)
+    code, out, err = run_main(capsys, "train", tiny_recipe, "--max_steps", "2", "--push_to_hub", "true",
+                              "--hub_model_id", repo_id)
+    assert code == 2 and expected in err and err.count("\n") == 1 and "Traceback" not in err, err
+    run = tiny_recipe.parent / "run"
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()  # no step was taken
+    assert hub_state(local_hub) == before
+
+
 # ------------------------------------------------------------------------------------------------- features
 
 

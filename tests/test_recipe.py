@@ -177,3 +177,72 @@ def test_imagenet_recipe_is_the_paper_setting(repo_root):
     model = build_model(load_recipe(repo_root / "recipes/dino/imagenet-vit-small-16.yaml",
                                     ["--model.head_config.out_dim", "256", "--model.head_config.hidden_dim", "64"]))
     assert model.config.head_config.in_dim == 384  # ViT-S hidden size, CLS token
+
+
+# ------------------------------------------------------------------------------------ hf-ssl train --help
+
+
+def train_help(capsys, *args) -> str:
+    from hf_ssl.cli import main
+
+    assert main(["train", *map(str, args), "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def test_train_help_lists_every_shared_key_with_type_default_and_help(capsys):
+    import dataclasses
+
+    from hf_ssl.recipe import PretrainingRecipe
+
+    text = " ".join(train_help(capsys).split())  # argparse wraps lines
+    for f in dataclasses.fields(PretrainingRecipe):
+        assert f.metadata.get("help"), f"recipe key {f.name} has no help"
+        assert f"--{f.name} " in text
+    assert "--learning_rate FLOAT The peak learning rate before batch scaling. (default: 0.0005)" in text
+    assert "--push_to_hub BOOL" in text and "(default: false)" in text
+    assert "--hub_model_id STR" in text and "(default: null)" in text
+    assert "--image_mean [FLOAT]" in text and "(default: [0.485, 0.456, 0.406])" in text
+    assert "fast_moco (hf-ssl methods). (required)" in text
+    assert "model: keys of" not in text  # a method's keys need its recipe
+
+
+def test_train_help_with_a_recipe_adds_its_method_keys_and_values(capsys, repo_root, tmp_path):
+    text = " ".join(train_help(capsys, repo_root / "recipes/dino/fashion-mnist-demo.yaml").split())
+    assert "model: keys of DinoConfig" in text and "--learning_rate FLOAT" in text
+    assert "--model.koleo_weight FLOAT" in text and "(default: 0.0; fashion-mnist-demo.yaml: 0.05)" in text
+    assert "--model.student_temperature FLOAT τs of the student softmax. (default: 0.1)" in text
+    assert "--model.head_config.out_dim INT number of prototypes (the softmax's size). (default: 65536; " \
+           "fashion-mnist-demo.yaml: 1024)" in text
+    assert "--augmentation.num_local_crops INT small crops per image (0: none). (default: 8" in text
+    assert "--augmentation.global_crop_scale [FLOAT,FLOAT]" in text and "(default: [0.4, 1.0]" in text
+    assert not (tmp_path / "run").exists()
+    # the heads listed are the ones this recipe can set: MoCo v2 has no predictor, v3 has one (v3 defaults)
+    v2 = train_help(capsys, repo_root / "recipes/moco/fashion-mnist-resnet-tiny.yaml")
+    v3 = " ".join(train_help(capsys, repo_root / "recipes/moco/fashion-mnist-v3-fast-moco-baseline.yaml").split())
+    assert "--model.projector_config.out_dim" in v2 and "--model.predictor_config" not in v2
+    assert "--model.predictor_config.hidden_dim INT" in v3 and "--model.projector_config.num_layers INT linear " \
+           "layers. (default: 3)" in v3
+
+
+@pytest.mark.parametrize("method", ["dino", "moco", "disco", "fast_moco"])
+def test_every_method_and_view_key_has_help_from_its_docstring(method):
+    from modeling import METHODS
+
+    from hf_ssl.recipe import init_keys, method_key_docs
+
+    sections = method_key_docs(method, {"model": {"version": 3} if method == "moco" else {}})
+    keys = {key.name: key for section in sections for key in section.keys}
+    assert [k for k, key in keys.items() if not key.help] == []
+    config_cls = METHODS[method].config_class
+    expected = [f"model.{k}" for k in init_keys(config_cls) if k not in ("backbone_config", "kwargs",
+                                                                         *config_cls.sub_configs)]
+    assert expected and all(k in keys for k in expected)
+    assert any(k.startswith("augmentation.") for k in keys)
+
+
+def test_train_without_a_recipe_is_one_line(capsys):
+    from hf_ssl.cli import main
+
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give a recipe" in err
