@@ -12,6 +12,8 @@ import torch
 from hf_ssl.recipe import load_recipe
 from hf_ssl.train import train
 
+from .conftest import REPO_ROOT
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -137,6 +139,19 @@ def test_cli_methods_lists_dino_and_its_recipes():
     result = run_cli("methods")
     assert result.returncode == 0, result.stderr
     assert "dino" in result.stdout and "recipes/dino/fashion-mnist-resnet-tiny.yaml" in result.stdout
+
+
+def test_cli_methods_lists_every_registered_method_with_all_its_recipes(capsys):
+    from hf_ssl.cli import main as cli_main
+    from modeling import METHODS
+
+    assert cli_main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in METHODS:
+        recipes = sorted((REPO_ROOT / "recipes" / name).glob("*.yaml"))
+        assert recipes, f"no recipes/{name}/*.yaml"
+        for recipe in recipes:
+            assert str(recipe.relative_to(REPO_ROOT)) in out, (name, recipe)
 
 
 LOAD_WITHOUT_HF_SSL = r"""
