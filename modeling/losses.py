@@ -92,9 +92,9 @@ def moco_v3_loss(query_1: torch.Tensor, query_2: torch.Tensor, keys_1: torch.Ten
 def relic_loss(anchor: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor,
                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """RELICv2's two terms for one (anchor view, positive view) pair: each anchor is compared with its candidates
-    only (its positive and the negatives sampled for it), through two distributions over them:
-    p = softmax(anchor · targets[candidates] / T) (online) and q = softmax(targets[positive] · targets[candidates] / T)
-    (the target's own view of its positive; constant: no gradient reaches the targets).
+    only (its positive and the negatives sampled for it), through two distributions over them: the online
+    p = softmax(anchor · targets[candidates] / T) and the target's q = softmax(targets[positive] · targets[candidates]
+    / T) (the target's own view of the positive; constant: no gradient reaches the targets).
 
     Args:
         anchor: `[B, D]` online embeddings of this process's images (L2-normalised here).

@@ -80,8 +80,9 @@ class RelicForPreTraining(MocoForPreTraining):
     def forward(self, large_crops: torch.Tensor, small_crops: torch.Tensor | None = None,
                 negatives_seed: torch.Tensor | int | None = None, return_dict: bool = True) -> RelicPreTrainingOutput:
         if large_crops.dim() != 5 or (small_crops is not None and small_crops.dim() != 5):
+            small_shape = None if small_crops is None else tuple(small_crops.shape)
             raise ValueError("large_crops and small_crops must be stacked view-major, [views, B, C, H, W], got shapes "
-                             f"{tuple(large_crops.shape)} and {None if small_crops is None else tuple(small_crops.shape)}")
+                             f"{tuple(large_crops.shape)} and {small_shape}")
         num_large, num_images = large_crops.shape[:2]
         if small_crops is not None and small_crops.shape[1] != num_images:
             raise ValueError(f"small_crops has {small_crops.shape[1]} images per view, large_crops {num_images}")
