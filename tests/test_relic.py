@@ -307,3 +307,48 @@ def test_resume_with_saliency_masks_gives_the_same_loss_curve(tmp_path, masked_d
                     .replace("  num_negatives: 4\n", "  num_negatives: 4\n  mask_column: foreground\n")
                     .replace("local_crop_scale: [0.1, 0.4]}}", "local_crop_scale: [0.1, 0.4], mask_p: 0.5}}"))
     assert_resume_parity(path, tmp_path)
+
+
+# ------------------------------------------------------------------------------------- saliency from a model
+
+
+def test_saliency_masks_are_cached_and_invalidated_when_the_model_changes(tmp_path, monkeypatch):
+    import datasets
+    from PIL import Image
+    from transformers import ResNetConfig, ResNetModel
+
+    import hf_ssl.saliency as saliency
+
+    images = []
+    for i in range(4):  # a bright square on black, at a different place in each image
+        pixels = np.zeros((20, 24), dtype=np.uint8)
+        pixels[2 + 2 * i:10 + 2 * i, 4 + 3 * i:12 + 3 * i] = 255
+        images.append(Image.fromarray(pixels, mode="L"))
+    dataset = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        ResNetModel(config).save_pretrained(tmp_path / name)
+    calls = []
+    original = saliency._masks_of
+    monkeypatch.setattr(saliency, "_masks_of", lambda images, *args: calls.append(len(images)) or original(images,
+                                                                                                        *args))
+
+    def masks(encoder):
+        return saliency.add_saliency_masks(dataset, tmp_path / encoder, "image", 32, (0.5,) * 3, (0.5,) * 3,
+                                           cache_dir=tmp_path / "cache", batch_size=2)
+
+    first = masks("a")
+    assert calls == [2, 2] and first.column_names == ["image", "saliency_mask"]
+    for row in first:  # one mask per image, at its size, black and white
+        assert row["saliency_mask"].size == row["image"].size
+        assert set(np.unique(np.asarray(row["saliency_mask"]))) <= {0, 255}
+    again = masks("a")  # cached: nothing computed
+    assert calls == [2, 2]
+    assert [np.asarray(r["saliency_mask"]).tolist() for r in again] == [np.asarray(r["saliency_mask"]).tolist()
+                                                                        for r in first]
+    masks("b")  # other weights: computed again, under another key
+    assert calls == [2, 2, 2, 2] and len(list((tmp_path / "cache").iterdir())) == 2
+    key = saliency.saliency_cache_key(tmp_path / "a", 32, (0.5,) * 3, (0.5,) * 3, dataset._fingerprint)
+    assert key != saliency.saliency_cache_key(tmp_path / "a", 64, (0.5,) * 3, (0.5,) * 3, dataset._fingerprint)
+    assert key != saliency.saliency_cache_key(tmp_path / "a", 32, (0.5,) * 3, (0.5,) * 3, "another dataset")
