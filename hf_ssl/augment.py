@@ -152,6 +152,8 @@ class SeededViews(nn.Module):
 
     # Batch keys `make_views` reads (each a uint8 image batch); a recipe that also reads e.g. a mask extends it.
     input_names: tuple[str, ...] = ("pixel_values",)
+    # What to set when an extra batch key is not provided (appended to check_input_columns_cover_views' error).
+    input_hints: dict[str, str] = {}
 
     _rows: tuple[int, int, int] | None = None  # (offset, stop, total) of this process's images during forward
 
@@ -183,6 +185,15 @@ class SeededViews(nn.Module):
             params = stage.forward_parameters(torch.Size((total, *x.shape[1:])))
             x = stage(x, params=slice_parameters(params, total, start, stop, x.shape))
         return x
+
+    def draw_per_image(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """`[B]` uniform numbers in [0, 1), one per image of this process, drawn for the whole global batch in the
+        one-process order (like `augment`'s parameters), so that e.g. a per-image coin flip does not depend on the
+        number of processes."""
+        if self._rows is None:
+            raise RuntimeError("draw_per_image draws from the seed of a forward call: call it from make_views")
+        start, stop, total = self._rows
+        return torch.rand(total, device=device)[start:stop]
 
     @torch.no_grad()
     def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor, seed: int, offset: int = 0,
@@ -355,10 +366,65 @@ class GridViews(TwoViews):
                 "crops_2": grid_crops(views["view_2"], self.grid)}
 
 
+class RelicViews(MultiCropViews):
+    """RELICv2: DINO's multi-crop (L = len(global_blur_p) large crops, S = `num_local_crops` small ones) with saliency
+    masking, and the seed of the model's negative sampling. Returns `large_crops` `[L, B, C, H, W]`, `small_crops`
+    `[S, B, C, h, w]` (when S > 0), view-major, and `negatives_seed` (a 0-d tensor, an integer < 2**24 so that it
+    survives the cast to the training dtype), drawn from the step's seed like every augmentation.
+
+    Saliency masking: each large crop of each image is, with probability `mask_p` (a coin per crop and image), cut from
+    the image with its background removed (set to black, where the foreground mask of batch key `mask` is below 0.5)
+    before cropping and augmentation. Unlike the paper's pseudocode, which overwrites the image so that a masked image
+    leaks into the later crops (large and small), every crop starts from the original image: the coins are independent
+    and the small crops are never masked (our choice: p_m is then exactly the probability of a masked large crop).
+    With `mask_p` > 0 the recipe reads the mask, which the model's `mask_column` provides."""
+
+    input_hints = {"mask": "augmentation.mask_p > 0 needs a foreground mask: set model.mask_column to the dataset's "
+                           "mask column"}
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], global_crop_size: int = 224,
+                 global_crop_scale: tuple[float, float] = (0.4, 1.0), num_local_crops: int = 6,
+                 local_crop_size: int = 96, local_crop_scale: tuple[float, float] = (0.05, 0.4),
+                 color_jitter_p: float = 0.8, grayscale_p: float = 0.2, flip_p: float = 0.5,
+                 global_blur_p: tuple[float, float] = (1.0, 0.1), global_solarize_p: tuple[float, float] = (0.0, 0.2),
+                 local_blur_p: float = 0.5,
+                 color_jitter_strength: tuple[float, float, float, float] = COLOR_JITTER_STRENGTH,
+                 mask_p: float = 0.0):
+        super().__init__(mean=mean, std=std, global_crop_size=global_crop_size, global_crop_scale=global_crop_scale,
+                         num_local_crops=num_local_crops, local_crop_size=local_crop_size,
+                         local_crop_scale=local_crop_scale, color_jitter_p=color_jitter_p, grayscale_p=grayscale_p,
+                         flip_p=flip_p, global_blur_p=global_blur_p, global_solarize_p=global_solarize_p,
+                         local_blur_p=local_blur_p, color_jitter_strength=color_jitter_strength)
+        check_probability("mask_p", mask_p)
+        self.mask_p = mask_p
+        self.input_names = ("pixel_values", "mask") if mask_p > 0 else ("pixel_values",)
+
+    def output_names(self) -> tuple[str, ...]:
+        crops = ("large_crops", "small_crops") if len(self.local_crops) else ("large_crops",)
+        return crops + ("negatives_seed",)
+
+    def make_views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = batch["pixel_values"]
+        foreground = x * (batch["mask"] >= 0.5) if self.mask_p > 0 else None
+        large = []
+        for crop in self.global_crops:
+            source = x
+            if foreground is not None:  # one coin per image of the global batch, drawn before this crop's parameters
+                masked = self.draw_per_image(x.device) < self.mask_p
+                source = torch.where(masked[:, None, None, None], foreground, x)
+            large.append(self.augment(crop, source))
+        views = {"large_crops": torch.stack(large)}
+        if len(self.local_crops):
+            views["small_crops"] = torch.stack([self.augment(crop, x) for crop in self.local_crops])
+        views["negatives_seed"] = torch.randint(0, 2**24, (), device=x.device)
+        return views
+
+
 VIEW_RECIPES: dict[str, type[SeededViews]] = {
     "multicrop": MultiCropViews,
     "two_views": TwoViews,
     "grid_views": GridViews,
+    "relic_views": RelicViews,
 }
 
 
@@ -411,6 +477,7 @@ def check_input_columns_cover_views(views: SeededViews, input_columns: dict[str,
     `input_columns()` put in the batch: found when a run is set up instead of at its first step."""
     missing = [name for name in views.input_names if name != "pixel_values" and name not in input_columns]
     if missing:
+        hints = "".join(f"; {views.input_hints[name]}" for name in missing if name in views.input_hints)
         raise ValueError(f"view recipe {type(views).__name__} reads batch key(s) {missing}, which the model's "
                          f"input_columns() {dict(input_columns)} do not provide: the method must map each to a dataset "
-                         "column")
+                         f"column{hints}")

@@ -11,6 +11,7 @@ from .dino import DinoConfig, DinoForPreTraining
 from .disco import DiscoConfig, DiscoForPreTraining
 from .fast_moco import FastMocoConfig, FastMocoForPreTraining
 from .moco import MocoConfig, MocoForPreTraining
+from .relic import RelicConfig, RelicForPreTraining
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ METHODS: dict[str, Method] = {
     "fast_moco": Method("fast_moco", FastMocoConfig, FastMocoForPreTraining, "grid_views",
                         "Ci et al., Fast-MoCo: Boost Momentum-based Contrastive Learning with Combinatorial Patches, "
                         "ECCV 2022"),
+    "relic": Method("relic", RelicConfig, RelicForPreTraining, "relic_views",
+                    "Tomasev et al., Pushing the limits of self-supervised ResNets: Can we outperform supervised "
+                    "learning without labels on ImageNet?, arXiv 2201.05119, 2022 (RELICv2)"),
 }
 
 for _method in METHODS.values():
@@ -43,4 +47,4 @@ for _method in METHODS.values():
 
 __all__ = ["METHODS", "Method", "DinoConfig", "DinoForPreTraining", "DiscoConfig", "DiscoForPreTraining",
            "FastMocoConfig", "FastMocoForPreTraining",
-           "MocoConfig", "MocoForPreTraining"]
+           "MocoConfig", "MocoForPreTraining", "RelicConfig", "RelicForPreTraining"]

@@ -89,6 +89,31 @@ def moco_v3_loss(query_1: torch.Tensor, query_2: torch.Tensor, keys_1: torch.Ten
                               + in_batch_info_nce_loss(query_2, keys_1, temperature, label_offset))
 
 
+def relic_loss(anchor: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor,
+               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RELICv2's two terms for one (anchor view, positive view) pair: each anchor is compared with its candidates
+    only (its positive and the negatives sampled for it), through two distributions over them: the online
+    p = softmax(anchor · targets[candidates] / T) and the target's q = softmax(targets[positive] · targets[candidates]
+    / T) (the target's own view of the positive; constant: no gradient reaches the targets).
+
+    Args:
+        anchor: `[B, D]` online embeddings of this process's images (L2-normalised here).
+        targets: `[N, D]` target embeddings of the positive view, every process's in rank order (L2-normalised here).
+        candidates: `[B, K]` rows of `targets` each anchor is compared with, its positive in column 0.
+    Returns:
+        (contrastive, invariance): batch means of -log p[positive] and of KL(q ‖ p) = Σ_k q_k (log q_k - log p_k).
+    """
+    anchor, targets = F.normalize(anchor, dim=1), F.normalize(targets.detach(), dim=1)
+    # [B, N] similarities gathered at the candidates: B x N memory, not B x K x D
+    online_logits = (anchor @ targets.T).gather(1, candidates) / temperature
+    target_logits = (targets[candidates[:, 0]] @ targets.T).gather(1, candidates) / temperature
+    log_p = F.log_softmax(at_least_float32(online_logits), dim=1)
+    log_q = F.log_softmax(at_least_float32(target_logits), dim=1)
+    contrastive = -log_p[:, 0].mean()
+    invariance = (log_q.exp() * (log_q - log_p)).sum(dim=1).mean()
+    return contrastive, invariance
+
+
 def normalized_mse_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """DisCo's distillation term: mean squared error between the L2-normalised `prediction` and the L2-normalised,
     constant `target`, averaged over batch and dimensions (`nn.MSELoss()` as in the official code); equals

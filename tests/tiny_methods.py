@@ -10,6 +10,7 @@ from pathlib import Path
 from .conftest import TINY_RECIPE
 from .test_fast_moco import FAST_MOCO_RECIPE
 from .test_moco import MOCO_RECIPE
+from .test_relic import RELIC_RECIPE
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ TINY_METHODS: dict[str, TinyMethod] = {
     # loss = (loss_view_1 + loss_view_2) / 2: the mean over both views' combinations (config.view_loss_weight = 0.5)
     "fast_moco": TinyMethod(FAST_MOCO_RECIPE, {"fast-moco": []},
                             loss_weights={"loss_view_1": "view_loss_weight", "loss_view_2": "view_loss_weight"}),
+    "relic": TinyMethod(RELIC_RECIPE, {"relic": []},
+                        loss_weights={"contrastive_loss": "contrastive_weight", "invariance_loss": "invariance_weight"}),
 }
 
 # variant name -> method

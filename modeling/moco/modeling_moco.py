@@ -45,7 +45,8 @@ class MocoForPreTraining(SSLPreTrainedModel):
         super().__init__(config)
         self.query_backbone = build_backbone(config.backbone_config)
         self.query_projector = ProjectionHead(config.projector_config)
-        self.predictor = ProjectionHead(config.predictor_config) if config.version == 3 else None
+        # v3 always has a predictor, v2 never; a method built on MoCo (RELICv2) may leave it out
+        self.predictor = ProjectionHead(config.predictor_config) if config.predictor_config is not None else None
         self.key_backbone = build_backbone(config.backbone_config)
         self.key_projector = ProjectionHead(config.projector_config)
         if config.queue_size:
