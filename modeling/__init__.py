@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from transformers import AutoConfig, AutoModel
 
+from .cpc import CpcConfig, CpcForPreTraining
 from .dino import DinoConfig, DinoForPreTraining
 from .disco import DiscoConfig, DiscoForPreTraining
 from .fast_moco import FastMocoConfig, FastMocoForPreTraining
@@ -35,12 +36,14 @@ METHODS: dict[str, Method] = {
     "fast_moco": Method("fast_moco", FastMocoConfig, FastMocoForPreTraining, "grid_views",
                         "Ci et al., Fast-MoCo: Boost Momentum-based Contrastive Learning with Combinatorial Patches, "
                         "ECCV 2022"),
+    "cpc": Method("cpc", CpcConfig, CpcForPreTraining, "patch_grid",
+                  "Hénaff et al., Data-Efficient Image Recognition with Contrastive Predictive Coding, ICML 2020"),
 }
 
 for _method in METHODS.values():
     AutoConfig.register(_method.config_class.model_type, _method.config_class, exist_ok=True)
     AutoModel.register(_method.config_class, _method.model_class, exist_ok=True)
 
-__all__ = ["METHODS", "Method", "DinoConfig", "DinoForPreTraining", "DiscoConfig", "DiscoForPreTraining",
+__all__ = ["METHODS", "Method", "CpcConfig", "CpcForPreTraining", "DinoConfig", "DinoForPreTraining", "DiscoConfig", "DiscoForPreTraining",
            "FastMocoConfig", "FastMocoForPreTraining",
            "MocoConfig", "MocoForPreTraining"]
