@@ -275,3 +275,25 @@ def test_resume_gives_the_same_loss_curve_and_the_export_is_the_patch_encoder(cp
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(pooled_features(encoder, images), pooled_features(trained.patch_encoder, images))
+
+
+def test_a_vit_patch_encoder_trains_and_exports_at_the_image_size():
+    """A ViT (LayerNorm) configured for 8 px patches is a CPC patch encoder; `at_input_size` (the export) gives the
+    plain model for whole 16 px images, with the feature of the interpolated training model."""
+    from modeling.backbones import at_input_size
+
+    vit = {"model_type": "vit", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "intermediate_size": 32, "patch_size": 4, "image_size": 8}
+    torch.manual_seed(0)
+    model = CpcForPreTraining(CpcConfig(backbone_config=vit, context_config={"in_dim": 16, "hidden_dim": 8,
+                                                                             "num_blocks": 1},
+                                        patch_size=8, patch_stride=4, grid_size=3, prediction_offsets=[2]))
+    out = model(patches=random_patches(2))
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.patch_encoder.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
+    images = torch.randn(2, 3, 16, 16)
+    whole = at_input_size(model.get_encoder().eval(), 16)
+    with torch.no_grad():
+        torch.testing.assert_close(whole(pixel_values=images).last_hidden_state[:, 0],
+                                   pooled_features(model.patch_encoder, images))
