@@ -233,8 +233,6 @@ def test_config_and_input_errors():
         CpcConfig(directions=["down", "diagonal"])
     with pytest.raises(ValueError, match="directions must be distinct"):
         CpcConfig(directions=[])
-    with pytest.raises(ValueError, match="image_feature must be one of"):
-        CpcConfig(image_feature="cls")
     with pytest.raises(ValueError, match="context_config.in_dim=32 must equal the patch encoder's feature size 16"):
         CpcForPreTraining(CpcConfig(backbone_config=TINY_CONVNEXT, context_config={"in_dim": 32}))
     with pytest.raises(ValueError, match="grid_size²=9 patches of 8 px per image"):

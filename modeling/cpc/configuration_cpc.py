@@ -6,8 +6,6 @@ from ..heads import ContextNetworkConfig
 # Prediction directions, each a rotation of the grid (quarter turns counter-clockwise, torch.rot90) after which the
 # direction points down the rows: "down" is CPC v1's (context from the rows above predicts the rows below).
 DIRECTION_ROTATIONS = {"down": 0, "left": 1, "up": 2, "right": 3}
-# What `get_encoder()` is evaluated and published on (see `CpcConfig.image_feature`).
-IMAGE_FEATURES = ("whole_image", "patch_mean")
 
 
 def _positive_int(name: str, value) -> int:
@@ -40,9 +38,10 @@ class CpcConfig(PretrainedConfig):
         target_dim (`int`, defaults to 64): size of the target vectors (a 1x1 conv of z, shared by the directions)
             and of the predictions.
         prediction_scale (`float`, defaults to 0.1): logits = scale · ẑ·t (the paper's `emb_scale`).
-        image_feature (`str`, defaults to `"whole_image"`): the whole-image feature the card documents: the patch
-            encoder on the whole image (what `AutoModel` / `pipeline` give) or `"patch_mean"`, the mean of the patch
-            vectors over the grid (`modeling.cpc.patch_mean_features`).
+
+    The published encoder is the patch encoder; its whole-image feature (what `AutoModel` / `pipeline` give, and what
+    `hf-ssl eval` measures) is the encoder run on the whole image. The mean of the patch vectors over the grid is
+    `modeling.cpc.patch_mean_features` (compared in benchmarks/cpc_image_features.py).
     """
 
     model_type = "hf_ssl_cpc"
@@ -52,7 +51,7 @@ class CpcConfig(PretrainedConfig):
 
     def __init__(self, backbone_config=None, context_config=None, patch_size: int = 8, patch_stride: int = 4,
                  grid_size: int = 7, prediction_offsets=(2, 3, 4), directions=tuple(DIRECTION_ROTATIONS),
-                 target_dim: int = 64, prediction_scale: float = 0.1, image_feature: str = "whole_image", **kwargs):
+                 target_dim: int = 64, prediction_scale: float = 0.1, **kwargs):
         if backbone_config is None:
             backbone_config = backbone_config_from_preset("convnext-patch-8")
         elif isinstance(backbone_config, dict):
@@ -75,8 +74,6 @@ class CpcConfig(PretrainedConfig):
                              f"{directions}")
         if isinstance(prediction_scale, bool) or not isinstance(prediction_scale, (int, float)) or prediction_scale <= 0:
             raise ValueError(f"prediction_scale must be > 0, got {prediction_scale!r}")
-        if image_feature not in IMAGE_FEATURES:
-            raise ValueError(f"image_feature must be one of {list(IMAGE_FEATURES)}, got {image_feature!r}")
         self.backbone_config = backbone_config
         self.context_config = context_config
         self.patch_size = patch_size
@@ -86,7 +83,6 @@ class CpcConfig(PretrainedConfig):
         self.directions = directions
         self.target_dim = target_dim
         self.prediction_scale = float(prediction_scale)
-        self.image_feature = image_feature
         super().__init__(**kwargs)
 
     @property
