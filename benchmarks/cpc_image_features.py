@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--dataset", default="fashion_mnist")
     parser.add_argument("--patch_size", type=int, required=True)
     parser.add_argument("--patch_stride", type=int, required=True)
+    parser.add_argument("--features", nargs="+", choices=["whole_image", "patch_mean"],
+                        default=["whole_image", "patch_mean"])
     parser.add_argument("--linear", action="store_true", help="also the linear probe (minutes per feature)")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=2)
@@ -59,7 +61,8 @@ def main() -> None:
     encoders = {"whole_image": base,
                 "patch_mean": PatchMeanEncoder(**fields, patch_size=args.patch_size, patch_stride=args.patch_stride)}
     report = {}
-    for name, encoder in encoders.items():
+    for name in args.features:
+        encoder = encoders[name]
         if args.max_train or args.max_test:
             train = subset_features(encoder, args.dataset, "train", args.max_train or 10 ** 9, args)
             test = subset_features(encoder, args.dataset, "test", args.max_test or 10 ** 9, args)
