@@ -14,6 +14,9 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
+# The CPC patch cutter lives with the model (its patch-mean image feature cuts the same grid); re-exported here.
+from modeling.cpc.patches import patch_grid, patch_grid_shape  # noqa: F401
+
 
 def _blur_kernel(size: int) -> int:
     """Odd Gaussian-blur kernel of about 10 % of the crop size (BYOL/DINO use 23 px at 224 px), at least 3."""
@@ -97,30 +100,6 @@ def slice_parameters(params: dict[str, torch.Tensor], total: int, start: int, st
             raise ValueError(f"cannot take rows {start}:{stop} of the kornia parameter {key!r} (shape "
                              f"{tuple(getattr(value, 'shape', ()))}) drawn for a batch of {total}")
     return sliced
-
-
-def patch_grid_shape(height: int, width: int, patch_size: int, stride: int) -> tuple[int, int]:
-    """(rows, columns) of the `patch_size` patches `stride` apart that tile a `height x width` image exactly; other
-    sizes are a ValueError saying which would tile, rather than pixels silently left out of every patch."""
-    for name, value in (("patch_size", patch_size), ("stride", stride)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    shape = []
-    for side, length in (("height", height), ("width", width)):
-        if length < patch_size or (length - patch_size) % stride:
-            raise ValueError(f"patches of {patch_size} px, {stride} px apart, do not tile an image {side} of {length} "
-                             f"px exactly (the {side} must be {patch_size} + a multiple of {stride})")
-        shape.append((length - patch_size) // stride + 1)
-    return shape[0], shape[1]
-
-
-def patch_grid(images: torch.Tensor, patch_size: int, stride: int) -> torch.Tensor:
-    """`[B, C, H, W]` -> `[B * rows * columns, C, patch_size, patch_size]`: the (overlapping when `stride <
-    patch_size`) grid of square patches of every image (CPC v2), image-major and row-major within an image, so that
-    `SeededViews.augment(pipeline, patches, rows_per_image=rows * columns)` augments each patch on its own."""
-    patch_grid_shape(images.shape[-2], images.shape[-1], patch_size, stride)  # the grid tiles the image exactly
-    patches = images.unfold(2, patch_size, stride).unfold(3, patch_size, stride)  # [B, C, rows, columns, p, p]
-    return patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, images.shape[1], patch_size, patch_size)
 
 
 def grid_crops(images: torch.Tensor, grid: int) -> torch.Tensor:
@@ -420,11 +399,64 @@ class RelicViews(MultiCropViews):
         return views
 
 
+class RandomColorDrop(K.IntensityAugmentationBase2D):
+    """CPC v2's colour dropping: every channel but one, drawn per sample, set to 0 (after normalisation: the channel's
+    mean). Not kornia's RandomChannelDropout: its parameters hold absolute row numbers, which `slice_parameters` cannot
+    cut into one process's rows."""
+
+    def __init__(self, p: float = 1.0):
+        super().__init__(p=p, same_on_batch=False, p_batch=1.0)
+
+    def generate_parameters(self, batch_shape: torch.Size) -> dict[str, torch.Tensor]:
+        return {"kept_channel": torch.randint(0, batch_shape[1], (batch_shape[0],))}
+
+    def apply_transform(self, input, params, flags, transform=None) -> torch.Tensor:
+        kept = torch.nn.functional.one_hot(params["kept_channel"].to(input.device), input.shape[1]).to(input.dtype)
+        return input * kept[:, :, None, None]
+
+
+class PatchGridViews(SeededViews):
+    """CPC v2: every image cut into its grid of overlapping `patch_size` px patches, `patch_stride` px apart
+    (`patch_grid`), each patch augmented on its own (`augment(..., rows_per_image=rows * columns)`, so the views stay a
+    pure function of (seed, image)): a random resized crop back to `patch_size` (crop jitter), flip, colour jitter,
+    grayscale, normalisation, then two of the three colour channels set to 0 (the mean) with probability
+    `color_drop_p` (the paper's colour dropping). Returns `patches` `[B * rows * columns, C, patch_size, patch_size]`,
+    image-major and row-major. On grey images (Fashion-MNIST) the three channels are equal: colour dropping removes no
+    information there and only dims the patch; jitter's saturation and hue change nothing."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], patch_size: int = 64, patch_stride: int = 32,
+                 patch_crop_scale: tuple[float, float] = (0.6, 1.0), flip_p: float = 0.5, color_jitter_p: float = 0.8,
+                 color_jitter_strength: tuple[float, float, float, float] = COLOR_JITTER_STRENGTH,
+                 grayscale_p: float = 0.0, color_drop_p: float = 1.0):
+        super().__init__()
+        patch_grid_shape(patch_size, patch_size, patch_size, patch_stride)  # positive ints
+        check_probability("color_drop_p", color_drop_p)
+        self.patch_size, self.patch_stride = patch_size, patch_stride
+        stages = list(byol_crop_pipeline(patch_size, patch_crop_scale, blur_p=0.0, solarize_p=0.0,
+                                         color_jitter_p=color_jitter_p, grayscale_p=grayscale_p, flip_p=flip_p,
+                                         mean=mean, std=std, color_jitter_strength=color_jitter_strength))
+        if color_drop_p > 0:
+            stages.append(RandomColorDrop(p=color_drop_p))
+        self.patch_pipeline = nn.Sequential(*stages)
+
+    def output_names(self) -> tuple[str, ...]:
+        return ("patches",)
+
+    def make_views(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = batch["pixel_values"]
+        rows, columns = patch_grid_shape(x.shape[-2], x.shape[-1], self.patch_size, self.patch_stride)
+        patches = patch_grid(x, self.patch_size, self.patch_stride)
+        return {"patches": self.augment(self.patch_pipeline, patches, rows_per_image=rows * columns)}
+
+
 VIEW_RECIPES: dict[str, type[SeededViews]] = {
     "multicrop": MultiCropViews,
     "two_views": TwoViews,
     "grid_views": GridViews,
     "relic_views": RelicViews,
+
+
+    "patch_grid": PatchGridViews,
 }
 
 

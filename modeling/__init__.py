@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from transformers import AutoConfig, AutoModel
 
+from .cpc import CpcConfig, CpcForPreTraining
 from .dino import DinoConfig, DinoForPreTraining
 from .disco import DiscoConfig, DiscoForPreTraining
 from .fast_moco import FastMocoConfig, FastMocoForPreTraining
@@ -39,12 +40,14 @@ METHODS: dict[str, Method] = {
     "relic": Method("relic", RelicConfig, RelicForPreTraining, "relic_views",
                     "Tomasev et al., Pushing the limits of self-supervised ResNets: Can we outperform supervised "
                     "learning without labels on ImageNet?, arXiv 2201.05119, 2022 (RELICv2)"),
+    "cpc": Method("cpc", CpcConfig, CpcForPreTraining, "patch_grid",
+                  "Hénaff et al., Data-Efficient Image Recognition with Contrastive Predictive Coding, ICML 2020"),
 }
 
 for _method in METHODS.values():
     AutoConfig.register(_method.config_class.model_type, _method.config_class, exist_ok=True)
     AutoModel.register(_method.config_class, _method.model_class, exist_ok=True)
 
-__all__ = ["METHODS", "Method", "DinoConfig", "DinoForPreTraining", "DiscoConfig", "DiscoForPreTraining",
-           "FastMocoConfig", "FastMocoForPreTraining",
-           "MocoConfig", "MocoForPreTraining", "RelicConfig", "RelicForPreTraining"]
+__all__ = ["METHODS", "Method", "CpcConfig", "CpcForPreTraining", "DinoConfig", "DinoForPreTraining", "DiscoConfig",
+           "DiscoForPreTraining", "FastMocoConfig", "FastMocoForPreTraining", "MocoConfig", "MocoForPreTraining",
+           "RelicConfig", "RelicForPreTraining"]

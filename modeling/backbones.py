@@ -101,6 +101,9 @@ BACKBONE_PRESETS: dict[str, dict] = {
                         "hidden_dim": 1280, "image_size": 224, "dropout_rate": 0.2},
     "mobilenet-v2": {"model_type": "mobilenet_v2"},
     "convnext-tiny": {"model_type": "convnext", "depths": [3, 3, 9, 3], "hidden_sizes": [96, 192, 384, 768]},
+    # CPC's patch encoder for 8 px patches (LayerNorm, no BatchNorm): a 2 px stem, then 4x4 -> 2x2 -> 1x1, 128-d.
+    "convnext-patch-8": {"model_type": "convnext", "patch_size": 2, "num_stages": 3, "depths": [1, 1, 1],
+                         "hidden_sizes": [32, 64, 128]},
 }
 
 

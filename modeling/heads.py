@@ -31,6 +31,16 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, norm: str |
     return nn.Sequential(*layers)
 
 
+def torch_default_init(module: nn.Linear | nn.Conv2d) -> None:
+    """PyTorch's default initialisation of a linear or convolution layer (what the MoCo and CPC code use), through
+    transformers' init functions, so that `post_init` gives what `nn.Linear(...)` / `nn.Conv2d(...)` would."""
+    init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+    if module.bias is not None:
+        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        init.uniform_(module.bias, -bound, bound)
+
+
 class ProjectionHeadConfig(PretrainedConfig):
     """An MLP head: projector (MoCo v2: 2 layers, no norm; MoCo v3: 3 layers, BatchNorm, affine-free last BN) or
     predictor (MoCo v3: 2 layers, BatchNorm).
@@ -75,12 +85,8 @@ class ProjectionHead(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module):
-        # PyTorch's default Linear initialisation (what the MoCo code uses), through transformers' init functions.
         if isinstance(module, nn.Linear):
-            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-            if module.bias is not None:
-                bound = 1 / math.sqrt(module.in_features)
-                init.uniform_(module.bias, -bound, bound)
+            torch_default_init(module)
         elif isinstance(module, (nn.BatchNorm1d, nn.LayerNorm)) and module.weight is not None:
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -153,3 +159,67 @@ class DinoHead(PreTrainedModel):
         x = self.mlp(features)
         x = nn.functional.normalize(x, dim=-1, p=2)
         return self.last_layer(x)
+
+
+class ContextNetworkConfig(PretrainedConfig):
+    """CPC's context network: a PixelCNN-style stack of masked residual blocks over a grid of patch vectors
+    (Hénaff et al. 2020, appendix: 5 blocks of 1x1 conv -> ReLU -> 1x3 conv -> pad one row on top -> 2x1 conv -> ReLU
+    -> 1x1 conv, 256 channels inside a block, a ReLU on the output).
+
+    Args:
+        in_dim: size of a patch vector (the patch encoder's pooled feature); also the output size.
+        hidden_dim: channels inside a residual block.
+        num_blocks: residual blocks; the context of row i sees rows i - num_blocks .. i.
+    """
+
+    model_type = "hf_ssl_context_network"
+
+    def __init__(self, in_dim: int = 1024, hidden_dim: int = 256, num_blocks: int = 5, **kwargs):
+        for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("num_blocks", num_blocks)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"context network {name} must be a positive int, got {value!r}")
+        self.in_dim = in_dim
+        self.hidden_dim = hidden_dim
+        self.num_blocks = num_blocks
+        super().__init__(**kwargs)
+
+
+class MaskedResidualBlock(nn.Module):
+    """x + 1x1 -> ReLU -> 1x3 (within the row) -> 2x1 over (row above, row) -> ReLU -> 1x1: output row i sees input rows
+    i - 1 and i only, never a row below (the top padding row stands for "nothing above")."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(dim, hidden_dim, kernel_size=1)
+        self.along_row = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=(1, 3), padding=(0, 1))
+        self.from_above = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=(2, 1))
+        self.expand = nn.Conv2d(hidden_dim, dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.along_row(nn.functional.relu(self.reduce(x)))
+        c = self.from_above(nn.functional.pad(c, (0, 0, 1, 0)))  # one zero row on top: row i sees rows i-1, i
+        return x + self.expand(nn.functional.relu(c))
+
+
+class ContextNetwork(PreTrainedModel):
+    """`[B, D, H, W]` grid of patch vectors -> `[B, D, H, W]` contexts; context (i, j) depends on rows <= i only."""
+
+    config_class = ContextNetworkConfig
+    base_model_prefix = "context_network"
+    main_input_name = "patch_vectors"
+
+    def __init__(self, config: ContextNetworkConfig):
+        super().__init__(config)
+        self.blocks = nn.ModuleList(MaskedResidualBlock(config.in_dim, config.hidden_dim)
+                                    for _ in range(config.num_blocks))
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Conv2d):
+            torch_default_init(module)
+
+    def forward(self, patch_vectors: torch.Tensor) -> torch.Tensor:
+        x = patch_vectors
+        for block in self.blocks:
+            x = block(x)
+        return nn.functional.relu(x)

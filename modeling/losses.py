@@ -114,6 +114,25 @@ def relic_loss(anchor: torch.Tensor, targets: torch.Tensor, candidates: torch.Te
     return contrastive, invariance
 
 
+def cpc_info_nce_loss(predictions: torch.Tensor, candidates: torch.Tensor, labels: torch.Tensor,
+                      prediction_scale: float) -> torch.Tensor:
+    """CPC's InfoNCE (Hénaff et al. 2020): each prediction picks its target patch out of every candidate patch, by
+    unnormalised dot products; the targets are not detached (the patch encoder learns through both sides).
+
+    Args:
+        predictions: `[N, T]` predicted target vectors ẑ = W_k c of this process's patch positions.
+        candidates: `[M, T]` target vectors of every patch position of every image of the global batch (gathered with
+            gradient), the positive among them.
+        labels: `[N]` the row of `candidates` holding each prediction's positive.
+        prediction_scale: the logits are `prediction_scale * ẑ · t` (the paper's `emb_scale` 0.1, i.e. a temperature
+            of 1 / 0.1 on unnormalised vectors).
+    Returns:
+        mean over the predictions of the cross-entropy of softmax(logits) against the positive's row.
+    """
+    logits = (prediction_scale * predictions) @ candidates.T
+    return F.cross_entropy(at_least_float32(logits), labels)
+
+
 def normalized_mse_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """DisCo's distillation term: mean squared error between the L2-normalised `prediction` and the L2-normalised,
     constant `target`, averaged over batch and dimensions (`nn.MSELoss()` as in the official code); equals

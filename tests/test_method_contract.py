@@ -96,6 +96,12 @@ def test_momentum_state_moves_only_in_post_optimizer_step(tiny):
     recipe, model, views = tiny
     optimizer = build_optimizer(model, recipe)
     before = frozen_state(model)
+    if not TINY_METHODS[recipe.method].momentum:  # nothing frozen, and post_optimizer_step touches nothing
+        assert not before, "a method without a momentum network trains every parameter"
+        state = copy.deepcopy(model.state_dict())
+        model.post_optimizer_step(momentum=0.5)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        return
     assert before, "a method with an EMA / momentum network has frozen parameters"
     model.train()(**draw_views(recipe, views, 3), **model.schedule_values(PROGRESS)).loss.backward()
     optimizer.step()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .conftest import TINY_RECIPE
+from .test_cpc import CPC_RECIPE
 from .test_fast_moco import FAST_MOCO_RECIPE
 from .test_moco import MOCO_RECIPE
 from .test_relic import RELIC_RECIPE
@@ -18,11 +19,13 @@ class TinyMethod:
     """`recipe`: YAML text with {output_dir}, {dataset} and {teacher} (a tiny MoCo v2 pretraining model with 8-d
     embeddings) placeholders. `variants`: name -> recipe overrides; each variant gets every shared test.
     `loss_weights`: the output terms whose weighted sum is `loss`, as {term: config attribute holding its weight}
-    (None: weight 1)."""
+    (None: weight 1). `momentum`: the method has an EMA / momentum network (frozen parameters that
+    `post_optimizer_step` moves); CPC has none."""
 
     recipe: str
     variants: dict[str, list[str]]
     loss_weights: dict[str, str | None] = field(default_factory=dict)
+    momentum: bool = True
 
 
 MOCO_V3 = ["--model.version", "3", "--model.queue_size", "0", "--model.contrastive_temperature", "1.0",
@@ -44,6 +47,10 @@ TINY_METHODS: dict[str, TinyMethod] = {
                             loss_weights={"loss_view_1": "view_loss_weight", "loss_view_2": "view_loss_weight"}),
     "relic": TinyMethod(RELIC_RECIPE, {"relic": []},
                         loss_weights={"contrastive_loss": "contrastive_weight", "invariance_loss": "invariance_weight"}),
+    # loss = mean of the four directions' losses (config.direction_loss_weight = 1/4)
+    "cpc": TinyMethod(CPC_RECIPE, {"cpc": []},
+                      loss_weights={f"loss_{d}": "direction_loss_weight" for d in ("down", "up", "left", "right")},
+                      momentum=False),
 }
 
 # variant name -> method
