@@ -53,7 +53,11 @@ class BatchLayout:
 
     @classmethod
     def read(cls, checkpoint: Path) -> "BatchLayout":
-        return cls(**json.loads((checkpoint / BATCH_LAYOUT_FILE).read_text()))
+        try:
+            return cls(**json.loads((checkpoint / BATCH_LAYOUT_FILE).read_text()))
+        except (ValueError, TypeError) as err:  # not JSON, or not these four keys
+            raise TrainingError(f"cannot resume from {checkpoint}: {BATCH_LAYOUT_FILE} is unreadable "
+                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
 
 
 def check_resumable(saved: BatchLayout, now: BatchLayout, checkpoint: Path) -> None:
@@ -128,19 +132,17 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, save_
     return final
 
 
-def rng_state_file(checkpoint: Path, process_index: int, saved_processes: int) -> str:
+def rng_state_file(process_index: int, saved_processes: int) -> str:
     """The RNG states a process continues from: its own, or on a process the checkpoint did not have, process 0's.
     Every process seeds alike and draws alike (views come from their own seeded generators), so process 0's states
     are what an uninterrupted run on more processes would hold; `check_same_rng_states` makes sure."""
     return f"random_states_{process_index if process_index < saved_processes else 0}.pkl"
 
 
-def required_checkpoint_files(accelerator: Accelerator, checkpoint: Path) -> list[str]:
-    """What a resume needs: one model, one optimizer, safetensors weights, RNG states, the batch layout."""
-    files = ["model.safetensors", "optimizer.bin", BATCH_LAYOUT_FILE]
-    if (checkpoint / BATCH_LAYOUT_FILE).is_file():
-        files.append(rng_state_file(checkpoint, accelerator.process_index,
-                                    BatchLayout.read(checkpoint).num_processes))
+def required_checkpoint_files(accelerator: Accelerator, rng_file: str | None) -> list[str]:
+    """What a resume needs: one model, one optimizer, safetensors weights, the batch layout and this process's RNG
+    states (`rng_file`; None while the layout that names it is missing)."""
+    files = ["model.safetensors", "optimizer.bin", BATCH_LAYOUT_FILE] + ([rng_file] if rng_file else [])
     if accelerator.scaler is not None:
         files.append("scaler.pt")
     return files
@@ -155,13 +157,13 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, layout: BatchLay
     restore the RNG states and goes on with a log line. Here a missing file, a refused pickle, or RNG states that
     are not the saved ones raise a TrainingError naming the piece.
     """
-    missing = [name for name in required_checkpoint_files(accelerator, checkpoint)
-               if not (checkpoint / name).is_file()]
+    saved = BatchLayout.read(checkpoint) if (checkpoint / BATCH_LAYOUT_FILE).is_file() else None
+    rng_file = rng_state_file(accelerator.process_index, saved.num_processes) if saved else None
+    missing = [name for name in required_checkpoint_files(accelerator, rng_file) if not (checkpoint / name).is_file()]
     if missing:
         raise TrainingError(f"cannot resume from {checkpoint}: missing {', '.join(missing)} "
                             "(weights must be model.safetensors; optimizer and RNG states and the batch layout "
                             "are required)")
-    saved = BatchLayout.read(checkpoint)
     check_resumable(saved, layout, checkpoint)
     if saved.num_processes != layout.num_processes:
         check_same_rng_states(checkpoint, saved.num_processes)
@@ -175,10 +177,9 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, layout: BatchLay
     except (OSError, RuntimeError, KeyError, ValueError) as err:
         raise TrainingError(f"cannot resume from {checkpoint}: {type(err).__name__}: "
                             f"{str(err).splitlines()[0] if str(err) else ''}") from None
-    rng_file = checkpoint / rng_state_file(checkpoint, accelerator.process_index, saved.num_processes)
     if accelerator.process_index >= saved.num_processes:  # accelerate looked for a file of this process: none
-        restore_rng_states(read_rng_states(rng_file))
-    check_rng_restored(rng_file)
+        restore_rng_states(read_rng_states(checkpoint / rng_file))
+    check_rng_restored(checkpoint / rng_file)
 
 
 def read_rng_states(path: Path) -> dict:
@@ -204,11 +205,15 @@ def restore_rng_states(saved: dict) -> None:
 
 
 def same_rng_states(a: dict, b: dict) -> bool:
+    """False also when either lacks a state or holds a malformed one (as `check_rng_restored` treats them)."""
     import numpy as np
 
-    return (a["random_state"] == b["random_state"]
-            and all(np.array_equal(x, y) for x, y in zip(a["numpy_random_seed"], b["numpy_random_seed"]))
-            and torch.equal(a["torch_manual_seed"], b["torch_manual_seed"]))
+    try:
+        return (a["random_state"] == b["random_state"]
+                and all(np.array_equal(x, y) for x, y in zip(a["numpy_random_seed"], b["numpy_random_seed"]))
+                and torch.equal(a["torch_manual_seed"], b["torch_manual_seed"]))
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def check_same_rng_states(checkpoint: Path, saved_processes: int) -> None:

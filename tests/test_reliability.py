@@ -174,6 +174,7 @@ class RunsCodeWhenUnpickled:
     ("incomplete_rng_file", r"the torch RNG state saved in .*random_states_0\.pkl was not restored"),
     ("no_safetensors", r"missing model\.safetensors"),
     ("no_batch_layout", r"missing batch_layout\.json"),
+    ("garbage_batch_layout", r"batch_layout\.json is unreadable \(JSONDecodeError"),
 ])
 def test_resume_refuses_a_checkpoint_it_cannot_restore_completely(reference, tiny_dataset, tmp_path, capsys,
                                                                   damage, message):
@@ -194,6 +195,8 @@ def test_resume_refuses_a_checkpoint_it_cannot_restore_completely(reference, tin
         torch.save({"random_state": random.getstate(), "numpy_random_seed": np.random.get_state()}, rng_file)
     elif damage == "no_batch_layout":
         (checkpoint / "batch_layout.json").unlink()
+    elif damage == "garbage_batch_layout":
+        (checkpoint / "batch_layout.json").write_text("{not json")
     else:
         (checkpoint / "model.safetensors").rename(checkpoint / "model.bak")
 
