@@ -27,6 +27,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from disco_fashion_mnist import train_seconds  # benchmarks/ is on sys.path when a script here runs
+
 REPO = Path(__file__).resolve().parent.parent
 MOCO_V3 = "recipes/moco/fashion-mnist-v3-fast-moco-baseline.yaml"
 FAST_MOCO = "recipes/fast_moco/fashion-mnist-resnet-tiny.yaml"
@@ -58,15 +60,6 @@ def results_of(run_dir: Path) -> dict[str, float]:
             if entry["metric"] == "top1":
                 found[entry["protocol"]] = entry["value"]
     return found
-
-
-def train_seconds(run_dir: Path) -> float | None:
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    found = [r["train_runtime_seconds"] for r in records if "train_runtime_seconds" in r]
-    return found[-1] if found else None
 
 
 def run_one(run: dict, runs_dir: Path, env: dict) -> dict:
