@@ -356,10 +356,11 @@ class RelicViews(MultiCropViews):
     before cropping and augmentation. Unlike the paper's pseudocode, which overwrites the image so that a masked image
     leaks into the later crops (large and small), every crop starts from the original image: the coins are independent
     and the small crops are never masked (our choice: p_m is then exactly the probability of a masked large crop).
-    With `mask_p` > 0 the recipe reads the mask, which the model's `mask_column` provides."""
+    With `mask_p` > 0 the recipe reads the mask: a dataset column (the model's `mask_column`) or the masks
+    computed from the recipe's `saliency_model`."""
 
     input_hints = {"mask": "augmentation.mask_p > 0 needs a foreground mask: set model.mask_column to the dataset's "
-                           "mask column"}
+                           "mask column, or saliency_model to an encoder that estimates it"}
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], global_crop_size: int = 224,
                  global_crop_scale: tuple[float, float] = (0.4, 1.0), num_local_crops: int = 6,

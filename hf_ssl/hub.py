@@ -334,6 +334,14 @@ def _training_rows(info: dict) -> list[tuple[str, str]]:
         accum = recipe.get("gradient_accumulation_steps", 1)
         rows.append(("batch", f"{recipe['per_device_train_batch_size']} per device"
                      + (f" x {accum} accumulation steps" if accum and accum > 1 else "")))
+    mask_p = (recipe.get("augmentation") or {}).get("mask_p")
+    if mask_p:
+        column = (recipe.get("model") or {}).get("mask_column")
+        source = (f"the dataset's column `{column}`" if column else
+                  f"the feature-norm map of `{recipe.get('saliency_model')}` (thresholded at each image's mean, "
+                  "computed once per image)")
+        rows.append(("saliency masking", f"background removed from a large crop with probability {mask_p}, "
+                     f"foreground masks from {source}"))
     if recipe.get("optimizer"):
         rows.append(("optimizer", f"{recipe['optimizer']}, lr {recipe.get('learning_rate')} "
                      f"(scaled by batch/{recipe.get('lr_scaling_batch_size', 256)}), "

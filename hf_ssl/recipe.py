@@ -58,6 +58,10 @@ class PretrainingRecipe:
         "help": "Per-channel (RGB) normalisation mean, also the exported image processor's."})
     image_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225], metadata={
         "help": "Per-channel (RGB) normalisation std, also the exported image processor's."})
+    saliency_model: str | None = field(default=None, metadata={
+        "help": "For views with saliency masking (RELICv2's mask_p) on a dataset without a mask column: an encoder "
+                "(directory, training OUTPUT_DIR or Hub repo, e.g. a DINO run) whose feature-norm map gives each "
+                "image's foreground mask, computed once and cached."})
     on_bad_image: str = field(default="error", metadata={
         "help": "A truncated or unreadable image: error (stop, naming it) or skip (listed in bad_images.txt)."})
     dataloader_num_workers: int = field(default=2, metadata={"help": "Image-decoding DataLoader workers."})
@@ -193,6 +197,9 @@ class PretrainingRecipe:
                 raise RecipeError(f"{key} must be in [0, 1), got {getattr(self, key)}")
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
             raise RecipeError("set num_train_epochs > 0 or max_steps > 0")
+        if self.streaming and self.saliency_model:
+            raise RecipeError("saliency_model needs a map-style dataset (masks are computed once per image and "
+                              "cached): set streaming: false, or give the dataset a mask column (model.mask_column)")
         if self.streaming and self.max_steps <= 0:
             raise RecipeError("streaming: set max_steps > 0 (a streamed dataset is read until max_steps optimizer steps; "
                               "num_train_epochs is not used)")

@@ -50,6 +50,7 @@ from .hub import init_hub_repo, push_checkpoint, push_trained_encoder
 from .monitoring import BadImageLog, CollapseMonitor, loss_is_finite
 from .optimization import apply_schedule, build_optimizer, clip_gradients
 from .recipe import PretrainingRecipe, RecipeError, check_keys, init_keys, save_recipe
+from .saliency import SALIENCY_COLUMN, add_saliency_masks
 
 logger = logging.getLogger(__name__)
 
@@ -320,14 +321,15 @@ def setup(recipe: PretrainingRecipe) -> Run:
     except (ValueError, TypeError) as err:
         raise RecipeError(f"augmentation: {err}") from None
     views.to(accelerator.device)
+    input_columns = training_input_columns(recipe, model, views)
     try:  # a view recipe that does not fit the model fails here, not at the first step
         check_views_match_forward(views, model.forward, model.schedule_values(TrainingProgress(0, 1, 1)))
-        check_input_columns_cover_views(views, model.input_columns())
+        check_input_columns_cover_views(views, input_columns)
     except ValueError as err:
         raise RecipeError(f"method {recipe.method!r}: {err}") from None
     world, accum = accelerator.num_processes, recipe.gradient_accumulation_steps
     per_device = per_device_batch_size(recipe, world)
-    loader, dataset, streaming = build_training_data(recipe, accelerator, per_device, model.input_columns())
+    loader, dataset, streaming = build_training_data(recipe, accelerator, per_device, input_columns)
     if recipe.sync_batchnorm and world > 1:
         model = convert_batchnorm(model, accelerator.device)
     optimizer = build_optimizer(model, recipe)
@@ -343,16 +345,38 @@ def setup(recipe: PretrainingRecipe) -> Run:
                Path(recipe.output_dir))
 
 
+def training_input_columns(recipe: PretrainingRecipe, model, views) -> dict[str, str]:
+    """The batch keys the views read beside the image and their dataset columns: the model's `input_columns()`,
+    plus the computed masks as `mask` when the recipe names a `saliency_model`."""
+    columns = dict(model.input_columns())
+    if recipe.saliency_model:
+        if "mask" in columns:
+            raise RecipeError(f"saliency_model and model.mask_column ({columns['mask']!r}) both give the foreground "
+                              "mask: keep one")
+        if "mask" not in views.input_names:
+            raise RecipeError(f"saliency_model is set but the {recipe.method} views read no mask (saliency masking "
+                              "is off: augmentation.mask_p is 0 or absent): drop saliency_model")
+        columns["mask"] = SALIENCY_COLUMN
+    return columns
+
+
 def build_training_data(recipe: PretrainingRecipe, accelerator: Accelerator, per_device: int,
                         input_columns: dict[str, str]):
     """(loader, dataset, streaming): a streamed dataset is split between the processes here; a map-style one
     yields the global micro-batch, which accelerate (split_batches) slices per process. Batches hold the image and
-    the model's `input_columns`, decoded alike."""
+    the `input_columns`, decoded alike (a `saliency_model`'s masks are computed, or read from their cache, here)."""
+    dataset_columns = [c for c in input_columns.values() if not (recipe.saliency_model and c == SALIENCY_COLUMN)]
     dataset, image_column = load_image_dataset(recipe.dataset_name, recipe.train_split,
                                                dataset_config=recipe.dataset_config,
                                                image_column=recipe.image_column, streaming=recipe.streaming,
-                                               extra_columns=input_columns.values())
+                                               extra_columns=dataset_columns)
     check_eval_data(recipe, dataset)
+    if recipe.saliency_model:
+        with accelerator.main_process_first():  # the main process computes the masks, the others read its cache
+            try:
+                dataset = add_saliency_masks(dataset, recipe.saliency_model, image_column)
+            except ValueError as err:
+                raise RecipeError(f"saliency_model {recipe.saliency_model!r}: {err}") from None
     decoder = ImageDecoder(image_column, size=recipe.image_size, on_bad_image=recipe.on_bad_image,
                            extra_columns=input_columns)
     world = accelerator.num_processes

@@ -335,8 +335,8 @@ def test_saliency_masks_are_cached_and_invalidated_when_the_model_changes(tmp_pa
                                                                                                         *args))
 
     def masks(encoder):
-        return saliency.add_saliency_masks(dataset, tmp_path / encoder, "image", 32, (0.5,) * 3, (0.5,) * 3,
-                                           cache_dir=tmp_path / "cache", batch_size=2)
+        return saliency.add_saliency_masks(dataset, tmp_path / encoder, "image", tmp_path / "cache", batch_size=2,
+                                           image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
 
     first = masks("a")
     assert calls == [2, 2] and first.column_names == ["image", "saliency_mask"]
@@ -352,3 +352,59 @@ def test_saliency_masks_are_cached_and_invalidated_when_the_model_changes(tmp_pa
     key = saliency.saliency_cache_key(tmp_path / "a", 32, (0.5,) * 3, (0.5,) * 3, dataset._fingerprint)
     assert key != saliency.saliency_cache_key(tmp_path / "a", 64, (0.5,) * 3, (0.5,) * 3, dataset._fingerprint)
     assert key != saliency.saliency_cache_key(tmp_path / "a", 32, (0.5,) * 3, (0.5,) * 3, "another dataset")
+
+
+@pytest.fixture()
+def saliency_encoder(tmp_path):
+    """A tiny ResNet encoder directory with an image processor (32 px, mean = std = 0.5), as `hf-ssl export` writes."""
+    from transformers import ResNetConfig, ResNetModel, ViTImageProcessor
+
+    torch.manual_seed(0)
+    path = tmp_path / "saliency-encoder"
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+                ).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    return path
+
+
+def test_training_with_a_saliency_model_computes_caches_and_names_the_masks(tmp_path, tiny_dataset, saliency_encoder,
+                                                                           monkeypatch):
+    import json
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path = tmp_path / "relic.yaml"
+    path.write_text(RELIC_RECIPE.format(output_dir=tmp_path / "run", dataset=tiny_dataset))
+    overrides = ["--augmentation.mask_p", "1.0", "--saliency_model", str(saliency_encoder), "--max_steps", "2"]
+    train(load_recipe(path, overrides))
+    cached = list((tmp_path / "xdg" / "hf_ssl" / "saliency").iterdir())
+    assert len(cached) == 1 and cached[0].is_dir()  # one key, no partial left
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert losses and all(math.isfinite(v) for v in losses)
+    card = (tmp_path / "run" / "encoder" / "README.md").read_text()
+    assert f"foreground masks from the feature-norm map of `{saliency_encoder}`" in card
+    # the second run reads the cache: the computation is not called again
+    import hf_ssl.saliency as saliency
+
+    monkeypatch.setattr(saliency, "_masks_of", lambda *args: pytest.fail("masks computed again"))
+    train(load_recipe(path, [*overrides, "--output_dir", str(tmp_path / "again")]))
+    assert len(list((tmp_path / "xdg" / "hf_ssl" / "saliency").iterdir())) == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--saliency_model", "{encoder}"], r"saliency_model is set but the relic views read no mask"),
+    (["--saliency_model", "{encoder}", "--augmentation.mask_p", "0.5", "--model.mask_column", "foreground"],
+     r"saliency_model and model.mask_column \('foreground'\) both give the foreground mask"),
+    (["--saliency_model", "{missing}", "--augmentation.mask_p", "0.5"],
+     r"saliency_model '.*no-such-encoder': cannot load an encoder"),
+    (["--saliency_model", "{encoder}", "--augmentation.mask_p", "0.5", "--streaming", "true", "--max_steps", "2"],
+     r"saliency_model needs a map-style dataset"),
+])
+def test_saliency_model_errors_stop_before_training(tmp_path, masked_dataset, saliency_encoder, overrides, message):
+    path = tmp_path / "relic.yaml"
+    path.write_text(RELIC_RECIPE.format(output_dir=tmp_path / "run", dataset=masked_dataset))
+    overrides = [o.format(encoder=saliency_encoder, missing=tmp_path / "no-such-encoder") for o in overrides]
+    with pytest.raises(RecipeError, match=message) as error:
+        train(load_recipe(path, overrides))
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
