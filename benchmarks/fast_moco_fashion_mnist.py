@@ -123,6 +123,13 @@ def flops_per_image(recipe_path: str, batch: int = 16) -> dict:
     return {"total": total.get_total_flops() / batch / 1e9, "backbones": backbones.get_total_flops() / batch / 1e9}
 
 
+def mean_cell(rows: list[dict], key: str, digits: int = 2) -> str:
+    """A table cell: the mean of `key` over `rows`, then each row's value in brackets when there are several."""
+    values = [r[key] for r in rows]
+    mean = sum(values) / len(values)
+    return f"{mean:.{digits}f}" + (" (" + ", ".join(f"{v:.{digits}f}" for v in values) + ")" if len(values) > 1 else "")
+
+
 def write_table(results: list[dict], cost: dict, epochs: float, path: Path) -> str:
     lines = ["| method | epochs | seeds | kNN top-1 (%) | linear top-1 (%) | est. time on 2 idle cores (min) | "
              "measured run time, --jobs (min) |", "|---|---|---|---|---|---|---|"]
@@ -131,15 +138,9 @@ def write_table(results: list[dict], cost: dict, epochs: float, path: Path) -> s
         groups.setdefault((r["method"], r["variant"], r["epochs"]), []).append(r)
     for (method, variant, ep), rs in sorted(groups.items(), key=lambda g: (g[0][1] != "", g[0][0], g[0][2])):
         seconds = cost["fast_moco_seconds_per_epoch" if method == "Fast-MoCo" else "moco_v3_seconds_per_epoch"]
-
-        def cell(key, digits=2):
-            values = [r[key] for r in rs]
-            mean = sum(values) / len(values)
-            return f"{mean:.{digits}f}" + (" (" + ", ".join(f"{v:.{digits}f}" for v in values) + ")"
-                                           if len(values) > 1 else "")
         label = method + (f", {variant}" if variant else "")
-        lines.append(f"| {label} | {ep:g} | {', '.join(str(r['seed']) for r in rs)} | {cell('knn_top1')} | "
-                     f"{cell('linear_top1')} | {ep * seconds / 60:.1f} | "
+        lines.append(f"| {label} | {ep:g} | {', '.join(str(r['seed']) for r in rs)} | {mean_cell(rs, 'knn_top1')} | "
+                     f"{mean_cell(rs, 'linear_top1')} | {ep * seconds / 60:.1f} | "
                      f"{sum(r['train_seconds'] for r in rs) / len(rs) / 60:.1f} |")
     table = "\n".join(lines) + "\n"
     path.write_text(table)

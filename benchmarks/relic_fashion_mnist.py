@@ -28,7 +28,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fast_moco_fashion_mnist import REPO, run_one  # benchmarks/ is on sys.path when a script here runs
+from fast_moco_fashion_mnist import REPO, mean_cell, run_one  # benchmarks/ is on sys.path when a script here runs
 
 MOCO_V3 = "recipes/moco/fashion-mnist-v3-resnet-tiny.yaml"
 RELIC = "recipes/relic/fashion-mnist-resnet-tiny.yaml"
@@ -100,14 +100,9 @@ def write_table(results: list[dict], path: Path) -> str:
     for r in results:
         groups.setdefault((r["method"], r["variant"]), []).append(r)
     for (method, variant), rs in sorted(groups.items(), key=lambda g: (g[0][1] != "", g[0][0])):
-        def cell(key, digits=2):
-            values = [r[key] for r in rs]
-            mean = sum(values) / len(values)
-            return f"{mean:.{digits}f}" + (" (" + ", ".join(f"{v:.{digits}f}" for v in values) + ")"
-                                           if len(values) > 1 else "")
         label = method + (f", {variant}" if variant else "")
         lines.append(f"| {label} | {rs[0]['epochs']:g} | {', '.join(str(r['seed']) for r in rs)} | "
-                     f"{cell('knn_top1')} | {cell('linear_top1')} | {cell('distance_ratio', 3)} | "
+                     f"{mean_cell(rs, 'knn_top1')} | {mean_cell(rs, 'linear_top1')} | {mean_cell(rs, 'distance_ratio', 3)} | "
                      f"{sum(r['train_seconds'] for r in rs) / len(rs) / 60:.1f} |")
     table = "\n".join(lines) + "\n"
     path.write_text(table)
