@@ -47,7 +47,8 @@ def plan_runs(epochs: float, seeds: list[int], mask_p: float, saliency_model: st
                      "epochs": epochs, "seed": seed, "extra": masking})
     # RELICv2's 4 small crops make its epoch ~1.9x MoCo v3's here: MoCo v3 at 2E is the same-time comparison
     runs.append({"name": f"moco-v3-2e-seed{seeds[0]}", "method": "MoCo v3",
-                 "variant": "2x the epochs (~ RELICv2's time)", "recipe": MOCO_V3, "epochs": 2 * epochs, "seed": seeds[0], "extra": []})
+                 "variant": "2x the epochs (~ RELICv2's time)", "recipe": MOCO_V3, "epochs": 2 * epochs,
+                 "seed": seeds[0], "extra": []})
     runs.append({"name": f"relic-beta0-seed{seeds[0]}", "method": "RELICv2", "variant": "beta = 0", "recipe": RELIC,
                  "epochs": epochs, "seed": seeds[0], "extra": [*masking, "--model.invariance_weight", "0"]})
     runs.append({"name": f"relic-pm0-seed{seeds[0]}", "method": "RELICv2", "variant": "p_m = 0", "recipe": RELIC,
