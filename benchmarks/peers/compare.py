@@ -73,7 +73,8 @@ def resolved_settings(name: str, recipe_path: str, overrides: list[str]) -> dict
     view_recipe = METHODS[recipe.method].views
     defaults = {key: p.default for key, p in inspect.signature(VIEW_RECIPES[view_recipe]).parameters.items()
                 if key not in ("mean", "std")}
-    augmentation = {key: list(v) if isinstance(v, tuple) else v for key, v in {**defaults, **recipe.augmentation}.items()}
+    augmentation = {key: list(value) if isinstance(value, tuple) else value
+                    for key, value in {**defaults, **recipe.augmentation}.items()}
     config = model.config.to_dict()
     return {
         "name": name,
@@ -197,8 +198,9 @@ def summarize(method: str, runs: list[dict], scores: dict) -> dict:
                     "mean": round(statistics.mean(values), 2), "values": values,
                     "spread": round(max(values) - min(values), 2)}
     return {"method": method, "recipe": RECIPES[method], "pairs": pairs,
-            "median_loop_speedup": statistics.median(p["loop_speedup"] for p in pairs) if pairs else None,
-            "median_process_speedup": statistics.median(p["process_speedup"] for p in pairs) if pairs else None,
+            "median_loop_speedup": round(statistics.median(p["loop_speedup"] for p in pairs), 3) if pairs else None,
+            "median_process_speedup": (round(statistics.median(p["process_speedup"] for p in pairs), 3)
+                                       if pairs else None),
             "quality": quality, "runs": runs}
 
 
@@ -225,6 +227,31 @@ def write_markdown(results: dict, path: Path, differences: list[str]) -> None:
               "## Settings that differ between our recipes and the lightly rebuild", ""]
     lines += [f"- {d}" for d in differences]
     path.write_text("\n".join(lines) + "\n")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+# How the measurement itself treats both sides (added to results.md after lightly_train.KNOWN_DIFFERENCES).
+MEASUREMENT_NOTES = [
+    "Both sides train without checkpoints and without in-training evaluation: ours runs with --checkpointing_steps "
+    "null --do_eval false (the DINO demo recipe checkpoints every 500 steps), lightly's loop has neither.",
+    "Ours still computes its logged terms every step (teacher entropy, centre KL, embedding std: the collapse "
+    "monitor), writes metrics.jsonl and, after training, its model card and loss plots (in the process time).",
+    "Same DataLoader workers on both sides (the recipe's dataloader_num_workers, unless --lightly_num_workers): ours "
+    "decodes there and augments in the training process; lightly decodes and augments there.",
+    "channels_last follows the recipe on both sides (the DINO demo recipe sets it; lightly_train.py applies it to "
+    "the model and the views).",
+]
 
 
 def known_differences(python: str) -> list[str]:
@@ -262,6 +289,9 @@ def main() -> int:
     parser.add_argument("--eval", choices=["all", "none"], default="all", help="kNN + linear of every run, or none")
     parser.add_argument("--linear_epochs", type=int, default=None, help="linear probe epochs (default: ours, 30)")
     parser.add_argument("--eval_workers", type=int, default=2)
+    parser.add_argument("--lightly_num_workers", type=int, default=None,
+                        help="lightly's DataLoader workers (default: the recipe's dataloader_num_workers, as ours); "
+                             "its augmentation runs there, per image")
     args = parser.parse_args()
 
     work_dir, output_dir = Path(args.work_dir).resolve(), Path(args.output_dir)
@@ -277,15 +307,15 @@ def main() -> int:
         dataset = make_subset(work_dir, args.subset_train, args.subset_test)
         ours_extra += ["--dataset_name", dataset]
         lightly_extra += ["--max_images", str(args.subset_train)]
+    if args.lightly_num_workers is not None:
+        lightly_extra += ["--num_workers", str(args.lightly_num_workers)]
     eval_extra = ["--num_workers", str(args.eval_workers)]
     linear_extra = eval_extra + (["--epochs", str(args.linear_epochs)] if args.linear_epochs else [])
-
-    import platform
 
     import torch
     results = {"command": " ".join(["python", "benchmarks/peers/compare.py", *sys.argv[1:]]),
                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               "machine": f"{cpu_name()}, {os.cpu_count()} cores, "
                           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, torch (ours) "
                           f"{torch.__version__}",
                "dataset": dataset, "max_steps": args.max_steps, "methods": []}
@@ -315,7 +345,7 @@ def main() -> int:
         results["lightly_version"] = next((r["lightly_version"] for r in runs if "lightly_version" in r), None)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        write_markdown(results, output_dir / "results.md", known_differences(args.lightly_python))
+        write_markdown(results, output_dir / "results.md", known_differences(args.lightly_python) + MEASUREMENT_NOTES)
     print(f"wrote {output_dir / 'results.json'} and {output_dir / 'results.md'}")
     return 0
 
