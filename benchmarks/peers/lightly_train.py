@@ -453,13 +453,22 @@ def check_parameter_counts(model: nn.Module, expected: dict[str, int]) -> dict[s
 
 
 def save_encoder(backbone: Backbone, settings: dict, directory: Path) -> None:
-    """The trained backbone as a plain transformers model + our image processor config (size, mean, std)."""
+    """The trained backbone as a plain transformers model + our image processor config (size, mean, std), checked
+    by reloading it with transformers: the same pooled feature as the trained backbone."""
     directory.mkdir(parents=True, exist_ok=True)
-    model = backbone.model.to(memory_format=torch.contiguous_format).eval()
-    for p in model.parameters():
+    backbone = backbone.to("cpu", memory_format=torch.contiguous_format).eval()
+    for p in backbone.parameters():
         p.data = p.data.contiguous()
-    model.save_pretrained(directory, safe_serialization=True)
+    backbone.model.save_pretrained(directory, safe_serialization=True)
     (directory / "preprocessor_config.json").write_text(json.dumps(settings["preprocessor_config"], indent=2) + "\n")
+    reloaded = Backbone.__new__(Backbone)
+    nn.Module.__init__(reloaded)
+    reloaded.model = AutoModel.from_pretrained(directory).eval()
+    size = settings["recipe"]["image_size"]
+    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not torch.allclose(backbone(probe), reloaded(probe), atol=1e-5):
+            raise SystemExit(f"the encoder reloaded from {directory} gives other features than the trained one")
 
 
 def main() -> None:
