@@ -1,7 +1,7 @@
 """lightly's DINO, MoCo v2 and MoCo v3, rebuilt with the settings of one of hf-ssl's Fashion-MNIST recipes.
 
 Runs in benchmarks/peers/.venv (lightly + torchvision + transformers; `bash benchmarks/peers/make_venv.sh`), never
-imports hf_ssl or modeling. Its input is a settings file that `compare.py settings` writes from our recipe in our
+imports hf_ssl or modeling (only modeling/schedules.py, by path: the same lr / EMA formulas). Its input is a settings file that `compare.py settings` writes from our recipe in our
 venv: the resolved recipe (every key, defaults filled in), the method's resolved config (heads, temperatures), the
 resolved view keys, the backbone's transformers config, the parameter count of each of our model's parts and our
 image processor's config. Every value that decides training is read from there, so the rebuild follows the recipe;
@@ -32,6 +32,7 @@ The settings that differ and cannot be made equal are listed in `KNOWN_DIFFERENC
 import argparse
 import copy
 import gzip
+import importlib.util
 import json
 import math
 import os
@@ -77,25 +78,14 @@ KNOWN_DIFFERENCES = [
 
 
 # ------------------------------------------------------------------------------------------------ schedules
-# The same pure functions of the optimizer step as hf-ssl's (modeling/schedules.py, hf_ssl/train.py).
-
-
-def cosine(step: int, total_steps: int, start: float, end: float) -> float:
-    if total_steps <= 0 or step >= total_steps:
-        return end
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * step / total_steps))
-
-
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, peak: float, end: float) -> float:
-    if step < warmup_steps:
-        return peak * step / warmup_steps
-    return cosine(step - warmup_steps, total_steps - warmup_steps, peak, end)
-
-
-def linear_warmup_then_constant(step: int, warmup_steps: int, start: float, end: float) -> float:
-    if step >= warmup_steps:
-        return end
-    return start + (end - start) * step / warmup_steps
+# hf-ssl's own pure functions of the optimizer step, loaded from modeling/schedules.py by path: that module needs only
+# the standard library, and importing the `modeling` package would pull in the rest of hf-ssl.
+_spec = importlib.util.spec_from_file_location("hf_ssl_schedules", Path(__file__).resolve().parents[2] / "modeling"
+                                               / "schedules.py")
+_schedules = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_schedules)
+cosine, warmup_cosine = _schedules.cosine, _schedules.warmup_cosine
+linear_warmup_then_constant = _schedules.linear_warmup_then_constant
 
 
 # ------------------------------------------------------------------------------------------------ data
