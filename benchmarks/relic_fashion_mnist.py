@@ -37,7 +37,8 @@ DINO_DEMO = "recipes/dino/fashion-mnist-demo.yaml"
 RAW_PIXELS_KNN = 85.18  # benchmarks/README.md, `hf-ssl eval knn --model raw-pixels --dataset fashion_mnist`
 
 
-def plan_runs(epochs: float, seeds: list[int], mask_p: float, saliency_model: str, ablations: bool = True) -> list[dict]:
+def plan_runs(epochs: float, seeds: list[int], mask_p: float, saliency_model: str,
+              ablations: bool = True) -> list[dict]:
     masking = ["--augmentation.mask_p", str(mask_p), "--saliency_model", saliency_model]
     runs = []
     for seed in seeds:
