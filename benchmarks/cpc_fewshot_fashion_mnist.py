@@ -3,7 +3,7 @@ fine-tuned end to end against the same network trained from scratch on the same 
 the labels, two seeds; plus kNN and linear probe of the frozen encoder, 1 %-label ablations of the v2 changes that
 are cheap to switch, and the two whole-image features side by side.
 
-    python benchmarks/cpc_fewshot_fashion_mnist.py [--runs runs/cpc-benchmark] [--seeds 0 1]
+    python benchmarks/cpc_fewshot_fashion_mnist.py [--runs runs/cpc-benchmark] [--seeds 0 1] [--ablation_seeds 0]
         [--fractions 0.01 0.1 1] [--epochs 60 30 2]
 
 Every step is an `hf-ssl` command of a shipped recipe (printed before it starts), one at a time:
@@ -11,8 +11,9 @@ Every step is an `hf-ssl` command of a shipped recipe (printed before it starts)
      ablations, same recipe and seed: `--model.directions '[down]'` (1 direction instead of 4) and
      `--augmentation.color_drop_p 1.0` (the paper's colour dropping, off in the recipe);
   2. `hf-ssl eval fewshot --model RUN --fractions F --seed S --epochs E` per fraction F (epochs E: --epochs, one per
-     fraction) and seed S: fine-tuned and from scratch (the ablations: fine-tuned only, at the first fraction and
-     seed; their from-scratch twin is the main run's, the same architecture, init seed and labels);
+     fraction) and seed S: fine-tuned and from scratch (the ablations: fine-tuned only, at the first fraction, seeds
+     --ablation_seeds, default the first seed; their from-scratch twin is the main run's: the same architecture,
+     init seed and labels);
   3. `hf-ssl eval knn` (when the training's own is missing) and `hf-ssl eval linear` of the main run;
   4. benchmarks/cpc_image_features.py --linear on the full splits: the encoder run on the whole image vs the mean of
      the patch vectors over the grid.
@@ -120,16 +121,17 @@ def write_tables(results: dict, path: Path) -> str:
         lines.append(f"| {row['fraction'] * 100:g} % ({done[0]['num_labels']}) | {row['epochs']} | "
                      f"{done[0]['num_labels'] * row['epochs']:,} | {', '.join(str(s['seed']) for s in done)} | "
                      f"{cell([s['finetune'] for s in done])} | {cell([s['scratch'] for s in done])} | {gap:+.2f} |")
-    lines += ["", "| pretraining (seed 42) | kNN top-1 (%) | linear top-1 (%) | 1 % labels, fine-tuned, seed "
-              f"{results['ablation_seed']} (%) | vs the 4-direction recipe (points) |", "|---|---|---|---|---|"]
-    reference = results["pretrainings"][0].get("finetune_1pct")
+    seeds = results["ablation_seeds"]
+    lines += ["", "| pretraining (seed 42) | kNN top-1 (%) | linear top-1 (%) | 1 % labels, fine-tuned, seeds "
+              f"{', '.join(map(str, seeds))} (%) | vs the recipe (points) |", "|---|---|---|---|---|"]
+    reference = results["pretrainings"][0]["finetune_1pct"]  # {seed: top-1}; json keys are strings
     for run in results["pretrainings"]:
         label = run["variant"] or "the recipe: 4 directions, no colour dropping"
         linear = f"{run['linear']:.2f}" if run.get("linear") is not None else "–"
-        ft = run.get("finetune_1pct")
-        delta = f"{ft - reference:+.2f}" if ft is not None and reference is not None and run["variant"] else "–"
-        lines.append(f"| {label} | {run['knn']:.2f} | {linear} | {f'{ft:.2f}' if ft is not None else '–'} | "
-                     f"{delta} |")
+        ft = [run["finetune_1pct"][str(seed)] for seed in seeds if str(seed) in run["finetune_1pct"]]
+        same = [reference[str(seed)] for seed in seeds if str(seed) in run["finetune_1pct"]]
+        delta = f"{mean(ft) - mean(same):+.2f}" if ft and run["variant"] else "–"
+        lines.append(f"| {label} | {run['knn']:.2f} | {linear} | {cell(ft) if ft else '–'} | {delta} |")
     lines.append(f"| raw pixels (no encoder) | {RAW_PIXELS_KNN:.2f} | – | – | – |")
     if results.get("image_features"):
         feats = results["image_features"]
@@ -157,10 +159,13 @@ def plot(results: dict, path: Path) -> None:
         axis.scatter([x for x, ys in points for _ in ys], [y for _, ys in points for y in ys], color=colour, s=12,
                      marker="x", label=label + " (each seed)")
     for run, marker in zip(results["pretrainings"][1:], ("^", "v")):
-        if run.get("finetune_1pct") is not None:
-            axis.scatter([results["fewshot"][0]["fraction"] * 100], [run["finetune_1pct"]], marker=marker,
-                         color="tab:orange", label=f"ablation: {run['variant']}")
+        values = list(run["finetune_1pct"].values())
+        axis.scatter([results["fewshot"][0]["fraction"] * 100] * len(values), values, marker=marker,
+                     color="tab:orange", label=f"ablation, fine-tuned: {run['variant']}")
     axis.set_xscale("log")
+    fractions = [row["fraction"] * 100 for row in results["fewshot"]]
+    axis.set_xticks(fractions, [f"{f:g} %" for f in fractions])
+    axis.minorticks_off()
     axis.set_xlabel("labelled training images (% of the 60,000)")
     axis.set_ylabel("Fashion-MNIST test top-1 (%)")
     axis.grid(alpha=0.3, which="both")
@@ -174,6 +179,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs/cpc-benchmark")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="label subsets and classifier init")
+    parser.add_argument("--ablation_seeds", type=int, nargs="+", default=None,
+                        help="seeds of the ablations' 1 %% fine-tuning (default: the first of --seeds)")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--epochs", type=int, nargs="+", default=[60, 30, 2],
                         help="fine-tuning epochs, one per fraction (default: the protocol's 60 at 1 %%, 30 at 10 %%; "
@@ -183,7 +190,8 @@ def main() -> int:
         parser.error("--epochs needs one value per fraction")
     runs_dir = Path(args.runs).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
-    results = {"recipe": RECIPE, "pretrain_seed": PRETRAIN_SEED, "ablation_seed": args.seeds[0],
+    ablation_seeds = args.ablation_seeds or args.seeds[:1]
+    results = {"recipe": RECIPE, "pretrain_seed": PRETRAIN_SEED, "ablation_seeds": ablation_seeds,
                "pretrainings": [], "fewshot": [{"fraction": f, "epochs": e, "seeds": []}
                                                for f, e in zip(args.fractions, args.epochs)]}
 
@@ -200,12 +208,13 @@ def main() -> int:
         first["seeds"].append({"seed": seed, **fewshot(main_run, first["fraction"], seed, first["epochs"], True,
                                                        runs_dir)})
     results["pretrainings"].append({**PRETRAININGS[0], "knn": results_of(main_run)["knn"],
-                                    "finetune_1pct": first["seeds"][0]["finetune"],
+                                    "finetune_1pct": {str(s["seed"]): s["finetune"] for s in first["seeds"]},
                                     "train_seconds": train_seconds(main_run)})
     report()
     for run in PRETRAININGS[1:]:
         out = pretrain(run, runs_dir)
-        ft = fewshot(out, first["fraction"], args.seeds[0], first["epochs"], False, runs_dir)["finetune"]
+        ft = {str(seed): fewshot(out, first["fraction"], seed, first["epochs"], False, runs_dir)["finetune"]
+              for seed in ablation_seeds}
         results["pretrainings"].append({**run, "knn": results_of(out)["knn"], "finetune_1pct": ft,
                                         "train_seconds": train_seconds(out)})
         report()
