@@ -164,7 +164,7 @@ def plot(results: dict, path: Path) -> None:
                      color="tab:orange", label=f"ablation, fine-tuned: {run['variant']}")
     axis.set_xscale("log")
     fractions = [row["fraction"] * 100 for row in results["fewshot"]]
-    axis.set_xticks(fractions, [f"{f:g} %" for f in fractions])
+    axis.set_xticks(fractions, [f"{row['fraction'] * 100:g} %\n{row['epochs']} epochs" for row in results["fewshot"]])
     axis.minorticks_off()
     axis.set_xlabel("labelled training images (% of the 60,000)")
     axis.set_ylabel("Fashion-MNIST test top-1 (%)")
