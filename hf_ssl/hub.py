@@ -23,6 +23,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
 import torch
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -389,9 +390,12 @@ def render_model_card(encoder_dir: str | Path, repo_id: str | None = None,
     cls_token = info["feature"].startswith("CLS")
     dim = info.get("feature_dim")
     recipe = {k: v for k, v in info["recipe"].items() if k not in ("output_dir", "resume_from_checkpoint")}
+    # a method's own "How to use" text (methods.yaml `how_to_use`) is a template of the card's values too
+    how_to_use = jinja2.Template(method.get("how_to_use") or "").render(
+        info=info, repo=repo_id or PLACEHOLDER, cls_token=cls_token).strip()
     return ModelCard.from_template(
         card_data, template_path=str(TEMPLATES / "encoder.md.jinja"),
-        method=method, info=info, repo=repo_id or PLACEHOLDER, cls_token=cls_token,
+        method=method, info=info, repo=repo_id or PLACEHOLDER, cls_token=cls_token, how_to_use=how_to_use,
         backbone=_backbone_label(info), dataset_label=_dataset_label(dataset),
         feature_shape=f"a {dim}-dimensional vector per image" if dim else "one vector per image",
         training_rows=_training_rows(info),

@@ -1,14 +1,20 @@
 """CPC v2: the patch grid and its per-patch views, the context network's causality in every direction, golden InfoNCE
-(numpy, written from the formula), BatchNorm refused, patch-mean features, recipes, resume and export."""
+(numpy, written from the formula), BatchNorm refused, patch-mean features, recipes, resume and export, the card's
+patch-mean snippet."""
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModel
 
 import modeling
 import modeling.cpc.modeling_cpc as cpc_module
 from hf_ssl.augment import build_views, patch_grid
-from hf_ssl.recipe import RecipeError, load_recipe
+from hf_ssl.hub import export_encoder, render_model_card
+from hf_ssl.recipe import RecipeError, load_recipe, save_recipe
 from hf_ssl.train import build_model
 from modeling import CpcConfig, CpcForPreTraining
 from modeling.backbones import pooled_features
@@ -273,6 +279,29 @@ def test_resume_gives_the_same_loss_curve_and_the_export_is_the_patch_encoder(cp
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(pooled_features(encoder, images), pooled_features(trained.patch_encoder, images))
+
+
+def test_the_cards_transformers_only_snippet_is_the_patch_mean(cpc_recipe, tmp_path, monkeypatch):
+    """The CPC card publishes the patch mean (it evaluates better, benchmarks/README.md) as a snippet of plain
+    transformers + torch: run after the card's loading snippet, it gives `patch_mean_features`."""
+    recipe = load_recipe(cpc_recipe)
+    run = Path(recipe.output_dir)
+    build_model(recipe).save_pretrained(run / "pretraining", safe_serialization=True)
+    save_recipe(recipe, run / "config.yaml")
+    encoder_dir = export_encoder(run, tmp_path / "encoder")
+    card = str(render_model_card(encoder_dir, repo_id=str(encoder_dir)))
+    loading, patch_mean = [b for b in re.findall(r"```python\n(.*?)```", card, re.S) if "from_pretrained(" in b
+                           and "subfolder" not in b or "unfold" in b]
+    assert "unfold(2, 8, 4)" in patch_mean and not re.search(r"hf_ssl|modeling", loading + patch_mean)
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "image.png")
+    monkeypatch.chdir(tmp_path)
+    snippet = {}
+    exec(loading + patch_mean, snippet)
+    with torch.no_grad():
+        expected = patch_mean_features(snippet["model"], snippet["pixels"], 8, 4)
+    assert snippet["feature"].shape == (1, 16)
+    torch.testing.assert_close(snippet["feature"], expected)
 
 
 def test_a_vit_patch_encoder_trains_and_exports_at_the_image_size():
