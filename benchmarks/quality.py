@@ -28,6 +28,8 @@ ROWS = [
     ("dino-resnet-tiny", "DINO, resnet-tiny", "recipes/dino/fashion-mnist-resnet-tiny.yaml", []),
     ("moco-v2", "MoCo v2", "recipes/moco/fashion-mnist-resnet-tiny.yaml", []),
     ("moco-v3", "MoCo v3", "recipes/moco/fashion-mnist-v3-resnet-tiny.yaml", []),
+    ("moco-v3-demo-backbone", "MoCo v3, demo backbone, batch 64", "recipes/moco/fashion-mnist-v3-demo-backbone.yaml",
+     []),
     ("fast-moco", "Fast-MoCo", "recipes/fast_moco/fashion-mnist-resnet-tiny.yaml", []),
     ("relic", "RELICv2 (no saliency masking)", "recipes/relic/fashion-mnist-resnet-tiny.yaml", []),
     ("cpc", "CPC v2 (whole-image feature)", "recipes/cpc/fashion-mnist-convnext-patch-8.yaml", []),
