@@ -2,13 +2,14 @@
 same student distilled from that teacher with DisCo, at one epoch budget.
 
     python benchmarks/disco_fashion_mnist.py [--epochs 1] [--runs runs/disco-benchmark] [--student resnet-tiny]
-        [--teacher_epochs E] [--teacher_recipe R] [--extra --key value ...]
+        [--teacher_epochs E] [--teacher_recipe R | --teacher_run DIR] [--seed S] [--extra --key value ...]
 
 It runs three `hf-ssl train` commands (printed before each run), from the shipped recipes:
   1. teacher:  recipes/disco/fashion-mnist-teacher-resnet-tiny-wide.yaml (MoCo v2, resnet-tiny twice as wide, 32 px;
                --teacher_recipe recipes/disco/fashion-mnist-teacher-resnet-18.yaml for a ResNet-18-shaped one)
   2. student alone: recipes/moco/fashion-mnist-resnet-tiny.yaml     (MoCo v2, --backbone STUDENT)
   3. DisCo:    recipes/disco/fashion-mnist-student-resnet-tiny.yaml (--backbone STUDENT, teacher = run 1)
+(--teacher_run DIR: an existing MoCo v2 run is the teacher, run 1 is skipped; --seed S goes to every run it trains),
 each followed by the full-split weighted kNN (k=20, T=0.07) that `hf-ssl train` does at the end, and prints a
 table of kNN top-1 (%) and wall time. Results are also written to RUNS/results.json. An existing finished run
 (its metrics.jsonl has the kNN result) is reused, not retrained. Measured figures: benchmarks/README.md.
@@ -46,13 +47,18 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs of the student runs")
     parser.add_argument("--teacher_epochs", type=float, default=None, help="default: --epochs")
     parser.add_argument("--teacher_recipe", default="recipes/disco/fashion-mnist-teacher-resnet-tiny-wide.yaml")
+    parser.add_argument("--teacher_run", default=None, help="a finished MoCo v2 run: the teacher (not retrained)")
+    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--runs", default="runs/disco-benchmark")
     parser.add_argument("--student", default="resnet-tiny", help="student backbone preset (e.g. mobilenet-v2)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="overrides for the DisCo run only")
     args = parser.parse_args()
     runs = Path(args.runs)
-    teacher_dir = runs / "teacher"
-    teacher_name = Path(args.teacher_recipe).stem.removeprefix("fashion-mnist-teacher-")
+    teacher_dir = Path(args.teacher_run) if args.teacher_run else runs / "teacher"
+    teacher_name = teacher_dir.name if args.teacher_run else \
+        Path(args.teacher_recipe).stem.removeprefix("fashion-mnist-teacher-")
+    if args.teacher_run and knn_top1(teacher_dir) is None:
+        parser.error(f"--teacher_run {teacher_dir}: not a finished hf-ssl run (no kNN result in its metrics.jsonl)")
     plan = [
         (f"teacher (MoCo v2, {teacher_name})", teacher_dir,
          [args.teacher_recipe,
@@ -66,7 +72,8 @@ def main() -> int:
     ]
     results = []
     for label, run, recipe_args in plan:
-        command = [sys.executable, "-m", "hf_ssl", "train", *recipe_args, "--output_dir", str(run)]
+        command = [sys.executable, "-m", "hf_ssl", "train", *recipe_args, "--seed", str(args.seed), "--output_dir",
+                   str(run)]
         seconds = None
         if knn_top1(run) is None:
             print("$ " + " ".join(["hf-ssl", *command[3:]]), flush=True)

@@ -5,10 +5,11 @@ against the raw-pixel and random-init baselines, as a Markdown table and a bar c
 
 Each row is an `hf-ssl train RECIPE --seed S --output_dir RUNS/NAME` of a shipped recipe, unchanged (printed before
 it starts), then `hf-ssl eval linear` on the features its final kNN cached (`run_one` of fast_moco_fashion_mnist.py;
-a finished run is reused). DisCo's student needs its teacher: the teacher recipe is trained first and the student's
-`model.teacher_name_or_path` points at it. Baselines: `hf-ssl eval knn|linear --model raw-pixels` and a random-init
-resnet-tiny (benchmarks/random_encoder.py). Run it on an otherwise idle machine: the minutes column is each run's own
-`train_runtime_seconds` (the training loop, without the final evaluation), on whatever cores the run had.
+a finished run is reused). One row per method, its best Fashion-MNIST recipe; DisCo's student is distilled from
+the MoCo v2 row's encoder (trained first; `model.teacher_name_or_path` points at it). Baselines: `hf-ssl eval
+knn|linear --model raw-pixels` and a random-init resnet-tiny (benchmarks/random_encoder.py). Run it on an otherwise
+idle machine: the minutes column is each run's own `train_runtime_seconds` (the training loop, without the final
+evaluation), on whatever cores the run had.
 
 Writes RUNS/results.json, RUNS/results.md and RUNS/quality.png.
 """
@@ -25,18 +26,14 @@ RAW_PIXELS = "raw-pixels"
 # (name, label, recipe, extra arguments); "{runs}" is replaced by the runs directory
 ROWS = [
     ("dino", "DINO (make demo)", "recipes/dino/fashion-mnist-demo.yaml", []),
-    ("dino-resnet-tiny", "DINO, resnet-tiny", "recipes/dino/fashion-mnist-resnet-tiny.yaml", []),
-    ("moco-v2", "MoCo v2", "recipes/moco/fashion-mnist-resnet-tiny.yaml", []),
-    ("moco-v3", "MoCo v3", "recipes/moco/fashion-mnist-v3-resnet-tiny.yaml", []),
-    ("moco-v3-demo-backbone", "MoCo v3, demo backbone, batch 64", "recipes/moco/fashion-mnist-v3-demo-backbone.yaml",
-     []),
-    ("fast-moco", "Fast-MoCo", "recipes/fast_moco/fashion-mnist-resnet-tiny.yaml", []),
-    ("relic", "RELICv2 (no saliency masking)", "recipes/relic/fashion-mnist-resnet-tiny.yaml", []),
+    ("moco-v2", "MoCo v2", "recipes/moco/fashion-mnist-v2-demo-backbone.yaml", []),
+    ("moco-v3", "MoCo v3", "recipes/moco/fashion-mnist-v3-demo-backbone.yaml", []),
+    ("fast-moco", "Fast-MoCo", "recipes/fast_moco/fashion-mnist-demo-backbone.yaml", []),
+    ("relic", "RELICv2 (no saliency masking)", "recipes/relic/fashion-mnist-demo-backbone.yaml", []),
     ("cpc", "CPC v2 (whole-image feature)", "recipes/cpc/fashion-mnist-convnext-patch-8.yaml", []),
-    ("disco-teacher", "DisCo teacher (MoCo v2, resnet-tiny x2 wide)",
-     "recipes/disco/fashion-mnist-teacher-resnet-tiny-wide.yaml", []),
-    ("disco", "DisCo student, resnet-tiny", "recipes/disco/fashion-mnist-student-resnet-tiny.yaml",
-     ["--model.teacher_name_or_path", "{runs}/disco-teacher/pretraining"]),
+    ("disco", "DisCo student, resnet-tiny (teacher: the MoCo v2 row)",
+     "recipes/disco/fashion-mnist-student-resnet-tiny.yaml",
+     ["--model.teacher_name_or_path", "{runs}/moco-v2/pretraining"]),
 ]
 
 
@@ -110,7 +107,7 @@ def main() -> int:
     parser.add_argument("--runs", default="runs/quality")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--only", nargs="+", choices=[name for name, *_ in ROWS], default=None,
-                        help="these rows only (DisCo's student also needs disco-teacher)")
+                        help="these rows only (DisCo's student also needs moco-v2)")
     args = parser.parse_args()
     runs_dir = Path(args.runs).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
