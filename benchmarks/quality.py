@@ -65,7 +65,15 @@ def baseline(name: str, runs_dir: Path, env: dict) -> dict:
     return json.loads(cached.read_text())
 
 
-def write_table(rows: list[dict], baselines: dict, path: Path) -> str:
+def machine_speed(env: dict) -> float:
+    """Images/s of a one-view supervised step of the demo backbone (throughput.py's baseline): the minutes column
+    depends on the machine, and these machines' speed varies, so the table says how fast this one was."""
+    out = subprocess.run([sys.executable, "benchmarks/throughput.py", ROWS[0][2], "--steps", "20"], check=True,
+                         cwd=REPO, env=env, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["baseline_images_per_second"]
+
+
+def write_table(rows: list[dict], baselines: dict, speeds: list[float], path: Path) -> str:
     lines = ["| method | backbone | epochs | training (min) | kNN top-1 (%) | linear top-1 (%) | kNN vs raw pixels |",
              "|---|---|---|---|---|---|---|"]
     raw = baselines[RAW_PIXELS]["knn_top1"]
@@ -76,6 +84,8 @@ def write_table(rows: list[dict], baselines: dict, path: Path) -> str:
     for name, b in baselines.items():
         lines.append(f"| baseline: {name} | {'resnet-tiny' if name == 'random-init' else '—'} | — | — | "
                      f"{b['knn_top1']:.2f} | {b['linear_top1']:.2f} | {b['knn_top1'] - raw:+.2f} |")
+    lines.append(f"\nMachine speed (a one-view supervised step of the demo backbone, `benchmarks/throughput.py`): "
+                 f"{speeds[0]:.0f} img/s before the runs, {speeds[1]:.0f} img/s after.")
     table = "\n".join(lines) + "\n"
     path.write_text(table)
     return table
@@ -112,6 +122,7 @@ def main() -> int:
     runs_dir = Path(args.runs).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    speeds = [machine_speed(env)]
     rows = []
     for name, label, recipe, extra in ROWS:
         if args.only and name not in args.only:
@@ -120,8 +131,10 @@ def main() -> int:
                "extra": [e.format(runs=runs_dir) for e in extra]}
         rows.append({**run_one(run, runs_dir, env), "label": label, **recipe_summary(recipe)})
     baselines = {name: baseline(name, runs_dir, env) for name in (RAW_PIXELS, "random-init")}
-    (runs_dir / "results.json").write_text(json.dumps({"rows": rows, "baselines": baselines}, indent=2) + "\n")
-    print(write_table(rows, baselines, runs_dir / "results.md"))
+    speeds.append(machine_speed(env))
+    (runs_dir / "results.json").write_text(json.dumps({"rows": rows, "baselines": baselines,
+                                                       "machine_images_per_second": speeds}, indent=2) + "\n")
+    print(write_table(rows, baselines, speeds, runs_dir / "results.md"))
     plot(rows, baselines, runs_dir / "quality.png")
     print(f"wrote {runs_dir}/results.json, results.md, quality.png")
     return 0
