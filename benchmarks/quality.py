@@ -42,7 +42,8 @@ def recipe_summary(recipe: str) -> dict:
     from hf_ssl.recipe import load_recipe
 
     r = load_recipe(REPO / recipe, ["--output_dir", "/tmp/hf_ssl_quality"])
-    backbone = r.backbone or (r.backbone_config or {}).get("model_type", "?") + " (recipe's config)"
+    config = r.backbone_config or {}
+    backbone = r.backbone or f"{config.get('model_type', '?')} {config.get('hidden_sizes', '')} (recipe's config)"
     return {"backbone": backbone, "epochs": r.num_train_epochs}
 
 
