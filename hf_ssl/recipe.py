@@ -16,9 +16,15 @@ import yaml
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """YAML as recipes mean it: PyYAML (YAML 1.1) reads `1e-4` as a string, YAML 1.2 and users as a float."""
+    """YAML as recipes mean it (YAML 1.2's scalars): PyYAML (YAML 1.1) reads `1e-4` as a string, and `no`, `yes`,
+    `on`, `off` as booleans, where YAML 1.2 and users read a float and strings (`mixed_precision: no`, accelerate's)."""
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_RecipeLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 

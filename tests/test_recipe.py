@@ -92,6 +92,17 @@ def test_scientific_notation_is_a_float_on_the_command_line_and_in_yaml(repo_roo
     assert load_recipe(path).learning_rate == 5e-4
 
 
+def test_no_is_a_string_as_accelerate_users_write_it_and_only_true_false_are_booleans(repo_root, tmp_path):
+    # PyYAML (YAML 1.1) reads no / yes / on / off as booleans: `mixed_precision: no` was refused as "expected str"
+    assert load_recipe(repo_root / RECIPE, ["--mixed_precision", "no"]).mixed_precision == "no"
+    path = tmp_path / "r.yaml"
+    path.write_text((repo_root / RECIPE).read_text() + "\nmixed_precision: no\nchannels_last: true\n")
+    recipe = load_recipe(path)
+    assert recipe.mixed_precision == "no" and recipe.channels_last is True
+    with pytest.raises(RecipeError, match="channels_last='yes' has the wrong type: expected bool"):
+        load_recipe(repo_root / RECIPE, ["--channels_last", "yes"])
+
+
 @pytest.mark.parametrize("augmentation, message", [
     ({"local_crop_scale": [0.0, 0.4]}, r"local_crop_scale must satisfy 0 < min <= max <= 1 .*got \[0.0, 0.4\]"),
     ({"global_crop_scale": [0.4, 1.5]}, r"global_crop_scale must satisfy 0 < min <= max <= 1"),
