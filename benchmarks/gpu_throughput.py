@@ -2,9 +2,13 @@
 
     python benchmarks/gpu_throughput.py recipes/dino/imagenet-vit-small-16.yaml [--steps 20] [--key value ...]
     python benchmarks/gpu_throughput.py recipes/moco/imagenet-v3-resnet-50.yaml --per_device_train_batch_size 128
+    python benchmarks/gpu_throughput.py recipes/disco/imagenet-student-efficientnet-b0.yaml \
+        --teacher_recipe recipes/disco/imagenet-teacher-resnet-50.yaml
     # CPU smoke test of the script itself (tiny model, no MFU unless --peak_tflops is given):
     python benchmarks/gpu_throughput.py recipes/dino/fashion-mnist-resnet-tiny.yaml --steps 2 --warmup 1 \
         --per_device_train_batch_size 8 --mixed_precision no
+    # every ImageNet recipe, one JSON line each (DisCo with a random ResNet-50 teacher):
+    bash benchmarks/gpu_throughput_all.sh [--steps 20] > gpu_throughput.jsonl
 
 One process, the recipe's per-device batch of random uint8 images already on the device (no data loading, no
 decoding: the ceiling the data pipeline has to keep up with). A step is the training loop's: on-device views,
@@ -12,11 +16,16 @@ method forward + backward under autocast (the recipe's mixed_precision, bf16 for
 step, EMA/queue update. FLOPs of one step are counted by `torch.utils.flop_counter.FlopCounterMode` (matmuls and
 convolutions, forward and backward, every crop, teacher/momentum encoder included; augmentation and element-wise
 ops not counted), so MFU = counted FLOPs per second / the device's peak dense bf16 FLOP/s (--peak_tflops, or a
-known value for H100/H200/A100). Prints one JSON object.
+known value for H100/H200/A100). The batch is the recipe's per_device_train_batch_size (a recipe that sets
+total_train_batch_size for many GPUs is measured at its per_device_train_batch_size, 64 unless given). A DisCo
+student's teacher can be built with random weights from --teacher_recipe: a step costs the same whatever the
+teacher's weights. Prints one JSON object.
 """
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -43,13 +52,25 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
     return None
 
 
+def random_teacher(recipe_path: str) -> str:
+    """Saves a randomly initialised model of `recipe_path` like OUTPUT_DIR/pretraining; returns its directory."""
+    path = Path(tempfile.mkdtemp(prefix="hf_ssl_teacher_")) / "pretraining"
+    torch.manual_seed(0)
+    build_model(load_recipe(recipe_path, ["--output_dir", str(path.parent)])).save_pretrained(path)
+    return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak FLOP/s, in TFLOP/s")
+    parser.add_argument("--teacher_recipe", default=None,
+                        help="DisCo: build the teacher from this recipe, with random weights")
     args, overrides = parser.parse_known_args()
+    if args.teacher_recipe:
+        overrides += ["--model.teacher_name_or_path", random_teacher(args.teacher_recipe)]
     recipe = load_recipe(args.recipe, overrides + ["--output_dir", "/tmp/hf_ssl_gpu_throughput"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -100,7 +121,8 @@ def main() -> None:
     peak = peak_tflops(device, args.peak_tflops)
     result = {
         "recipe": args.recipe, "method": recipe.method, "backbone": recipe.backbone,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)"),
         "mixed_precision": recipe.mixed_precision, "per_device_batch_size": bs, "steps": args.steps,
         "images_per_second": round(bs * args.steps / seconds, 2),
         "seconds_per_step": round(seconds / args.steps, 4),
