@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fast_moco_fashion_mnist import REPO, run_one  # benchmarks/ is on sys.path when a script here runs
+from fast_moco_fashion_mnist import REPO, results_of, run_one  # benchmarks/ is on sys.path when a script here runs
 
 RAW_PIXELS = "raw-pixels"
 # (name, label, recipe, extra arguments); "{runs}" is replaced by the runs directory
@@ -80,13 +80,19 @@ def write_table(rows: list[dict], baselines: dict, speeds: list[float], path: Pa
     raw = baselines[RAW_PIXELS]["knn_top1"]
     for r in rows:
         minutes = f"{r['train_seconds'] / 60:.1f}" if r["train_seconds"] else "?"
+        minutes += "*" if r["reused"] else ""
         lines.append(f"| {r['label']} | {r['backbone']} | {r['epochs']:g} | {minutes} | {r['knn_top1']:.2f} | "
                      f"{r['linear_top1']:.2f} | {r['knn_top1'] - raw:+.2f} |")
     for name, b in baselines.items():
         lines.append(f"| baseline: {name} | {'resnet-tiny' if name == 'random-init' else '—'} | — | — | "
                      f"{b['knn_top1']:.2f} | {b['linear_top1']:.2f} | {b['knn_top1'] - raw:+.2f} |")
+    trained = sum(not r["reused"] for r in rows)
     lines.append(f"\nMachine speed (a one-view supervised step of the demo backbone, `benchmarks/throughput.py`): "
-                 f"{speeds[0]:.0f} img/s before the runs, {speeds[1]:.0f} img/s after.")
+                 f"{speeds[0]:.0f} img/s before this command trained {trained} of the {len(rows)} runs, "
+                 f"{speeds[1]:.0f} img/s after.")
+    if trained < len(rows):
+        lines.append("\n\\* reused: trained by an earlier command, its minutes measured then, at that time's "
+                     "machine speed.")
     table = "\n".join(lines) + "\n"
     path.write_text(table)
     return table
@@ -130,7 +136,8 @@ def main() -> int:
             continue
         run = {"name": name, "recipe": recipe, "epochs": recipe_summary(recipe)["epochs"], "seed": args.seed,
                "extra": [e.format(runs=runs_dir) for e in extra]}
-        rows.append({**run_one(run, runs_dir, env), "label": label, **recipe_summary(recipe)})
+        reused = "knn" in results_of(runs_dir / name)
+        rows.append({**run_one(run, runs_dir, env), "label": label, "reused": reused, **recipe_summary(recipe)})
     baselines = {name: baseline(name, runs_dir, env) for name in (RAW_PIXELS, "random-init")}
     speeds.append(machine_speed(env))
     (runs_dir / "results.json").write_text(json.dumps({"rows": rows, "baselines": baselines,
