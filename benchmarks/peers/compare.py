@@ -9,7 +9,8 @@ How to run (repository root, an otherwise idle machine; hf-ssl's venv at .venv, 
 
 For each method (`--methods`, default all three) it writes the settings file of our recipe (`settings` below), then
 runs `--pairs` pairs of trainings, alternating ours and lightly's (ours, theirs, ours, theirs, ...; pair i uses seed
-recipe seed + i), each as its own process timed from the outside:
+recipe seed + i), each as its own process timed from the outside (`--earlier RESULTS_JSON`: the pairs measured by an
+earlier command count, and only the pairs after them are trained):
 
     hf-ssl train RECIPE --output_dir W/ours-M-i --seed S --do_eval false --checkpointing_steps null
     benchmarks/peers/.venv/bin/python benchmarks/peers/lightly_train.py --settings W/settings/M.json \
@@ -175,6 +176,23 @@ def make_subset(work_dir: Path, train: int, test: int) -> str:
 # ------------------------------------------------------------------------------------------------ summary
 
 
+def earlier_runs(path: str, methods: list[str], dataset: str, max_steps: int | None) -> dict[str, list[dict]]:
+    """The measured pairs of an earlier compare.py command (its results.json) per method: this command adds pairs
+    to them instead of training them again. Refused unless they were measured on the same data, steps and recipes."""
+    earlier = json.loads(Path(path).read_text())
+    if (earlier["dataset"], earlier["max_steps"]) != (dataset, max_steps):
+        raise SystemExit(f"--earlier {path} was measured with dataset={earlier['dataset']}, max_steps="
+                         f"{earlier['max_steps']}; this command uses dataset={dataset}, max_steps={max_steps}")
+    found = {}
+    for summary in earlier["methods"]:
+        if summary["method"] in methods:
+            if summary["recipe"] != RECIPES[summary["method"]]:
+                raise SystemExit(f"--earlier {path}: {summary['method']} was measured with {summary['recipe']}, "
+                                 f"not {RECIPES[summary['method']]}")
+            found[summary["method"]] = summary["runs"]
+    return found
+
+
 def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
 
@@ -208,6 +226,8 @@ def write_markdown(results: dict, path: Path, differences: list[str]) -> None:
     lines = ["# hf-ssl vs lightly at equal settings (benchmarks/peers/compare.py)", "",
              f"Command: `{results['command']}`  ", f"Machine: {results['machine']}; lightly "
              f"{results.get('lightly_version', '?')}; started {results['started']}.", "",
+             *([f"Earlier pairs (`--earlier`): `{results['earlier']['command']}`, {results['earlier']['machine']}, "
+                f"started {results['earlier']['started']}.", ""] if "earlier" in results else []),
              "| method (recipe) | pairs | loop img/s ours / lightly (speedup, median) | process s ours / lightly "
              "(speedup, median) | kNN top-1 ours / lightly | linear top-1 ours / lightly |",
              "|---|---|---|---|---|---|"]
@@ -289,6 +309,8 @@ def main() -> int:
     parser.add_argument("--eval", choices=["all", "none"], default="all", help="kNN + linear of every run, or none")
     parser.add_argument("--linear_epochs", type=int, default=None, help="linear probe epochs (default: ours, 30)")
     parser.add_argument("--eval_workers", type=int, default=2)
+    parser.add_argument("--earlier", default=None, metavar="RESULTS_JSON",
+                        help="an earlier command's results.json: its pairs count towards --pairs, not trained again")
     parser.add_argument("--lightly_num_workers", type=int, default=None,
                         help="lightly's DataLoader workers (default: the recipe's dataloader_num_workers, as ours); "
                              "its augmentation runs there, per image")
@@ -319,20 +341,24 @@ def main() -> int:
                           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, torch (ours) "
                           f"{torch.__version__}",
                "dataset": dataset, "max_steps": args.max_steps, "methods": []}
+    earlier = earlier_runs(args.earlier, args.methods, dataset, args.max_steps) if args.earlier else {}
+    if args.earlier:
+        before = json.loads(Path(args.earlier).read_text())
+        results["earlier"] = {k: before[k] for k in ("command", "started", "machine")}
     for method in args.methods:
         recipe_path = RECIPES[method]
         settings = write_settings(method, recipe_path, [], work_dir / "settings" / f"{method}.json")
         base_seed = json.loads(settings.read_text())["recipe"]["seed"]
-        runs = []
-        for i in range(args.pairs):
+        runs = list(earlier.get(method, []))
+        scores = {r["run_dir"]: {k: r[k] for k in ("knn_top1", "linear_top1")} for r in runs if "linear_top1" in r}
+        for i in range(len(runs) // 2, args.pairs):
             seed = base_seed + i
             runs.append(run_ours(recipe_path, work_dir / f"ours-{method}-{i}", seed, ours_extra))
             runs.append(run_lightly(args.lightly_python, settings, work_dir / f"lightly-{method}-{i}", seed,
                                     lightly_extra))
             print(json.dumps(runs[-2:]), flush=True)
-        scores = {}
         if args.eval == "all":
-            for run in runs:
+            for run in (r for r in runs if r["run_dir"] not in scores):
                 run_dir = Path(run["run_dir"])
                 knn = evaluate(run["encoder"], dataset, "knn", eval_extra, run_dir.with_name(run_dir.name + "-knn.log"))
                 linear = evaluate(run["encoder"], dataset, "linear", linear_extra,
