@@ -22,7 +22,9 @@ student's teacher can be built with random weights from --teacher_recipe: a step
 teacher's weights. Prints one JSON object.
 """
 import argparse
+import atexit
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -53,8 +55,10 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
 
 
 def random_teacher(recipe_path: str) -> str:
-    """Saves a randomly initialised model of `recipe_path` like OUTPUT_DIR/pretraining; returns its directory."""
+    """Saves a randomly initialised model of `recipe_path` like OUTPUT_DIR/pretraining (deleted at exit); returns
+    its directory."""
     path = Path(tempfile.mkdtemp(prefix="hf_ssl_teacher_")) / "pretraining"
+    atexit.register(shutil.rmtree, path.parent, ignore_errors=True)
     torch.manual_seed(0)
     build_model(load_recipe(recipe_path, ["--output_dir", str(path.parent)])).save_pretrained(path)
     return str(path)
