@@ -176,9 +176,11 @@ def make_subset(work_dir: Path, train: int, test: int) -> str:
 # ------------------------------------------------------------------------------------------------ summary
 
 
-def earlier_runs(path: str, methods: list[str], dataset: str, max_steps: int | None) -> dict[str, list[dict]]:
-    """The measured pairs of an earlier compare.py command (its results.json) per method: this command adds pairs
-    to them instead of training them again. Refused unless they were measured on the same data, steps and recipes."""
+def earlier_runs(path: str, methods: list[str], dataset: str, max_steps: int | None
+                 ) -> tuple[dict[str, list[dict]], dict]:
+    """The measured pairs of an earlier compare.py command (its results.json) per method, and that command's
+    provenance (command, start, machine): this command adds pairs to them instead of training them again. Refused
+    unless they were measured on the same data, steps and recipes."""
     earlier = json.loads(Path(path).read_text())
     if (earlier["dataset"], earlier["max_steps"]) != (dataset, max_steps):
         raise SystemExit(f"--earlier {path} was measured with dataset={earlier['dataset']}, max_steps="
@@ -190,7 +192,7 @@ def earlier_runs(path: str, methods: list[str], dataset: str, max_steps: int | N
                 raise SystemExit(f"--earlier {path}: {summary['method']} was measured with {summary['recipe']}, "
                                  f"not {RECIPES[summary['method']]}")
             found[summary["method"]] = summary["runs"]
-    return found
+    return found, {key: earlier[key] for key in ("command", "started", "machine")}
 
 
 def ratio(a: float, b: float) -> float:
@@ -341,10 +343,9 @@ def main() -> int:
                           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, torch (ours) "
                           f"{torch.__version__}",
                "dataset": dataset, "max_steps": args.max_steps, "methods": []}
-    earlier = earlier_runs(args.earlier, args.methods, dataset, args.max_steps) if args.earlier else {}
+    earlier = {}
     if args.earlier:
-        before = json.loads(Path(args.earlier).read_text())
-        results["earlier"] = {k: before[k] for k in ("command", "started", "machine")}
+        earlier, results["earlier"] = earlier_runs(args.earlier, args.methods, dataset, args.max_steps)
     for method in args.methods:
         recipe_path = RECIPES[method]
         settings = write_settings(method, recipe_path, [], work_dir / "settings" / f"{method}.json")
